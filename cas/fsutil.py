@@ -1,0 +1,86 @@
+"""Small filesystem primitives with the durability and no-follow rules the rest relies on."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+FALLOC_FL_KEEP_SIZE = 0x01
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_files(fds: Iterable[int], many: int = 32) -> None:
+    """fsync each file, or one syncfs(2) of their filesystem when there are many of them."""
+    fds = list(fds)
+    if len(fds) > many and _syncfs is not None:
+        if _syncfs(fds[0]) == 0:
+            return
+    for fd in fds:
+        os.fsync(fd)
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate disk blocks for [offset, offset+length) without changing the file's size or
+    content, so a later write there cannot fail with ENOSPC. False where unsupported."""
+    if _fallocate is None or length <= 0:
+        return _fallocate is not None
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Give a new file its final size, with blocks allocated where the filesystem can."""
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def remove_any(path: str) -> None:
+    """Remove whatever is at ``path`` (file, link, or whole directory), never following links."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)

@@ -1,0 +1,332 @@
+"""Manifests: the tree of a snapshot (files, directories, symlinks) and its canonical encoding.
+
+A manifest is a value: built once, validated once, never mutated. Its encoding is canonical
+(one byte string per tree), so its id, BLAKE3 of that encoding, names the tree: equal trees
+have equal ids. The format is specified in ``docs/format.md`` (section "Manifest"); keep the
+two in step and bump ``VERSION`` on any change.
+
+Validation is part of decoding: a manifest that decodes is safe to materialize (no entry
+leaves the root, no symlink resolves outside it, parents precede children, sizes add up).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import cached_property
+
+import blake3
+
+from .chunking import RECORD_SIZE, ChunkerParams, iter_chunks, pack_chunks
+from .errors import ManifestError, UnsafePathError, UnsupportedVersionError
+from .hashing import ChunkId
+
+MAGIC = b"CASM"
+VERSION = 1
+
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+MAX_SYMLINK_HOPS = 40
+
+_HEADER = struct.Struct("<4sHBIIIBI")  # magic, version, algorithm, min, avg, max, root kind, count
+_ENTRY = struct.Struct("<BBH")  # kind, flags, path length
+_FILE = struct.Struct("<QI")  # size, chunk count
+_LINK = struct.Struct("<H")  # target length
+_LEN = struct.Struct("<I")
+
+FLAG_EXECUTABLE = 0x01
+
+
+class Kind(IntEnum):
+    DIR = 0
+    FILE = 1
+    SYMLINK = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One node of the tree. ``path`` is relative POSIX; ``""`` is the root itself.
+
+    Files carry ``size`` and ``chunks`` (a packed chunk list, see :mod:`cas.chunking`);
+    symlinks carry ``target`` (relative, resolving inside the root).
+    """
+
+    path: str
+    kind: Kind
+    executable: bool = False
+    size: int = 0
+    chunks: bytes = b""
+    target: str = ""
+
+    def chunk_refs(self) -> list[tuple[ChunkId, int]]:
+        return list(iter_chunks(self.chunks))
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks) // RECORD_SIZE
+
+    def same_content(self, other: Entry) -> bool:
+        """Equal in everything materialize writes (kind, bytes, exec bit, link target)."""
+        return (
+            self.kind == other.kind
+            and self.executable == other.executable
+            and self.chunks == other.chunks
+            and self.target == other.target
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated tree. Build with :meth:`build` or :meth:`decode`, never by hand."""
+
+    params: ChunkerParams
+    root_kind: Kind
+    entries: tuple[Entry, ...]
+    _encoded: bytes = field(repr=False, compare=False)
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def build(cls, params: ChunkerParams, root_kind: Kind, entries: list[Entry]) -> Manifest:
+        """Sort, validate and encode ``entries`` (UnsafePathError/ManifestError if not valid)."""
+        ordered = tuple(sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape")))
+        encoded = _encode(params, root_kind, ordered)
+        # Decoding our own encoding runs exactly the checks a receiver runs.
+        return cls.decode(encoded)
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> Manifest:
+        """Parse and validate an encoded manifest; :class:`ManifestError` on anything wrong."""
+        data = bytes(data)
+        params, root_kind, entries = _decode(data)
+        _validate(root_kind, entries, params)
+        return cls(params, root_kind, entries, data)
+
+    def encode(self) -> bytes:
+        return self._encoded
+
+    # -- identity ----------------------------------------------------------------
+    @cached_property
+    def id(self) -> bytes:
+        return blake3.blake3(self._encoded).digest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Manifest) and self._encoded == other._encoded
+
+    def __hash__(self) -> int:
+        return hash(self._encoded)
+
+    # -- queries -----------------------------------------------------------------
+    @cached_property
+    def by_path(self) -> Mapping[str, Entry]:
+        return {e.path: e for e in self.entries}
+
+    def files(self) -> Iterator[Entry]:
+        return (e for e in self.entries if e.kind == Kind.FILE)
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.files())
+
+    def chunk_ids(self) -> set[ChunkId]:
+        return {cid for e in self.files() for cid, _ in iter_chunks(e.chunks)}
+
+    def chunk_sizes(self) -> dict[ChunkId, int]:
+        return {cid: n for e in self.files() for cid, n in iter_chunks(e.chunks)}
+
+    def __repr__(self) -> str:
+        return (
+            f"Manifest(id={self.id.hex()[:16]}, root={self.root_kind.name}, "
+            f"entries={len(self.entries)}, bytes={self.total_size})"
+        )
+
+
+def file_entry(path: str, refs: list[tuple[ChunkId, int]], executable: bool = False) -> Entry:
+    """A file entry from (id, length) pairs; its size is their sum."""
+    return Entry(path, Kind.FILE, executable, sum(n for _, n in refs), pack_chunks(refs))
+
+
+# -- encoding ---------------------------------------------------------------------
+def _encode(params: ChunkerParams, root_kind: Kind, entries: tuple[Entry, ...]) -> bytes:
+    out = [
+        _HEADER.pack(
+            MAGIC, VERSION, params.algorithm, params.min_size, params.avg_size,
+            params.max_size, int(root_kind), len(entries),
+        )
+    ]
+    for e in entries:
+        path = _utf8(e.path)
+        out.append(_ENTRY.pack(int(e.kind), FLAG_EXECUTABLE if e.executable else 0, len(path)))
+        out.append(path)
+        if e.kind == Kind.FILE:
+            if len(e.chunks) % RECORD_SIZE:
+                raise ManifestError(f"{e.path!r}: chunk list is not whole records")
+            out.append(_FILE.pack(e.size, len(e.chunks) // RECORD_SIZE))
+            out.append(e.chunks)
+        elif e.kind == Kind.SYMLINK:
+            target = _utf8(e.target)
+            out.append(_LINK.pack(len(target)))
+            out.append(target)
+    return b"".join(out)
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"name is not valid UTF-8: {text!r}") from None
+
+
+def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
+    if len(data) < _HEADER.size:
+        raise ManifestError(f"manifest truncated: {len(data)} bytes, header needs {_HEADER.size}")
+    magic, version, algo, mn, avg, mx, root, count = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise ManifestError(f"not a manifest (magic {magic!r}, want {MAGIC!r})")
+    if version != VERSION:
+        raise UnsupportedVersionError(f"manifest format version {version} is not supported (this reads {VERSION})")
+    try:
+        params = ChunkerParams(algo, mn, avg, mx)
+        root_kind = Kind(root)
+    except ValueError as e:
+        raise ManifestError(f"bad manifest header: {e}") from None
+    if root_kind == Kind.SYMLINK:
+        raise ManifestError("manifest root cannot be a symlink")
+    # Every entry takes at least _ENTRY.size bytes: refuse absurd counts before allocating.
+    if count > (len(data) - _HEADER.size) // _ENTRY.size:
+        raise ManifestError(f"manifest declares {count} entries but has only {len(data)} bytes")
+    pos = _HEADER.size
+    entries: list[Entry] = []
+    try:
+        for _ in range(count):
+            kind_no, flags, plen = _ENTRY.unpack_from(data, pos)
+            pos += _ENTRY.size
+            path = _take(data, pos, plen).decode("utf-8")
+            pos += plen
+            kind = Kind(kind_no)
+            if flags & ~FLAG_EXECUTABLE:
+                raise ManifestError(f"{path!r}: unknown flags {flags:#x}")
+            if kind == Kind.FILE:
+                size, nchunks = _FILE.unpack_from(data, pos)
+                pos += _FILE.size
+                chunks = _take(data, pos, nchunks * RECORD_SIZE)
+                pos += len(chunks)
+                entries.append(Entry(path, kind, bool(flags & FLAG_EXECUTABLE), size, chunks))
+            elif kind == Kind.SYMLINK:
+                if flags:
+                    raise ManifestError(f"{path!r}: a symlink carries no flags")
+                (tlen,) = _LINK.unpack_from(data, pos)
+                pos += _LINK.size
+                target = _take(data, pos, tlen).decode("utf-8")
+                pos += tlen
+                entries.append(Entry(path, kind, target=target))
+            else:
+                if flags:
+                    raise ManifestError(f"{path!r}: a directory carries no flags")
+                entries.append(Entry(path, kind))
+    except struct.error:
+        raise ManifestError(f"manifest truncated at byte {pos} of {len(data)}") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"manifest has a name that is not UTF-8: {e}") from None
+    except ValueError as e:
+        if isinstance(e, ManifestError):
+            raise
+        raise ManifestError(f"bad manifest entry at byte {pos}: {e}") from None
+    if pos != len(data):
+        raise ManifestError(f"manifest has {len(data) - pos} trailing bytes")
+    return params, root_kind, tuple(entries)
+
+
+def _take(data: bytes, pos: int, n: int) -> bytes:
+    if pos + n > len(data):
+        raise ManifestError(f"manifest truncated: needs {n} bytes at {pos}, has {len(data) - pos}")
+    return data[pos : pos + n]
+
+
+# -- validation -------------------------------------------------------------------
+def check_relpath(path: str) -> list[str]:
+    """Components of a safe relative POSIX path; :class:`UnsafePathError` otherwise."""
+    if not path:
+        raise UnsafePathError("empty path", path)
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":" and path[0].isalpha()):
+        raise UnsafePathError(f"absolute path {path!r} in manifest", path)
+    if "\x00" in path or "\\" in path:
+        raise UnsafePathError(f"path {path!r} contains a NUL or a backslash", path)
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise UnsafePathError(f"path longer than {MAX_PATH_BYTES} bytes: {path[:80]!r}...", path)
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafePathError(f"path {path!r} has a {part or 'empty'!r} component", path)
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise UnsafePathError(f"name longer than {MAX_NAME_BYTES} bytes in {path!r}", path)
+    return parts
+
+
+def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams) -> None:
+    if root_kind == Kind.FILE:
+        if len(entries) != 1 or entries[0].path != "" or entries[0].kind != Kind.FILE:
+            raise ManifestError("a file manifest holds exactly one file entry, with path ''")
+    kinds: dict[str, Kind] = {}
+    prev = b""
+    for i, e in enumerate(entries):
+        key = e.path.encode("utf-8", "surrogateescape")
+        if i and key <= prev:
+            what = "duplicate" if key == prev else "out-of-order"
+            raise ManifestError(f"{what} entry {e.path!r} (entries must be strictly sorted)")
+        prev = key
+        if root_kind == Kind.DIR:
+            parts = check_relpath(e.path)
+            parent = "/".join(parts[:-1])
+            if parent and kinds.get(parent) != Kind.DIR:
+                raise ManifestError(f"{e.path!r}: its parent {parent!r} is not a directory entry")
+        kinds[e.path] = e.kind
+        if e.kind == Kind.FILE:
+            total = 0
+            for cid, n in iter_chunks(e.chunks):
+                if not 0 < n <= params.max_size:
+                    raise ManifestError(f"{e.path!r}: chunk {cid.hex()} has length {n}")
+                total += n
+            if total != e.size:
+                raise ManifestError(f"{e.path!r}: size {e.size} but its chunks hold {total} bytes")
+    by_path = {e.path: e for e in entries}
+    for e in entries:
+        if e.kind == Kind.SYMLINK:
+            resolve_link(by_path, e.path, e.target)
+
+
+def resolve_link(by_path: Mapping[str, Entry], link_path: str, target: str) -> list[str]:
+    """Where a symlink of the tree points, as root-relative components.
+
+    Resolution follows other symlinks of the tree, as the kernel would; any step above the
+    root, an absolute target, or more than MAX_SYMLINK_HOPS hops is :class:`UnsafePathError`.
+    """
+    if not target:
+        raise UnsafePathError(f"symlink {link_path!r} has an empty target", link_path)
+    if target.startswith("/") or "\x00" in target or "\\" in target:
+        raise UnsafePathError(f"symlink {link_path!r} -> {target!r} is absolute or malformed", link_path)
+    hops = 0
+    stack = link_path.split("/")[:-1]
+    pending = target.split("/")
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                raise UnsafePathError(f"symlink {link_path!r} -> {target!r} leaves the root", link_path)
+            stack.pop()
+            continue
+        here = "/".join(stack + [part])
+        node = by_path.get(here)
+        if node is not None and node.kind == Kind.SYMLINK:
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
+                raise UnsafePathError(f"symlink {link_path!r}: too many levels of links", link_path)
+            if node.target.startswith("/"):
+                raise UnsafePathError(f"symlink {here!r} -> {node.target!r} is absolute", here)
+            pending = node.target.split("/") + pending
+            continue
+        stack.append(part)
+    return stack

@@ -1,0 +1,406 @@
+"""Materialize: make a file or folder equal to a manifest, crash-safely.
+
+Two phases, under a lock on the state folder:
+
+1. *Prepare.* Every file that changes is written aside (a staging file in the state folder,
+   pre-allocated, filled from local sources first and the remote source for the rest), or,
+   when only a small part of an existing file changes, the new ranges are written into a
+   journal data file. Everything is fsynced. No user file is touched; failure here (a
+   missing or corrupt chunk, an origin that dies, a full disk) discards the staging and
+   leaves the tree as it was.
+2. *Commit and apply.* The list of operations is written and fsynced, then renamed into
+   place: that rename is the commit point. The operations (rename staging files over
+   targets, patch ranges from the journal, make directories and links, set exec bits,
+   remove extras) are each idempotent, so a process killed while applying them is finished
+   by the next :func:`recover` (run at the start of every materialize): every file ends
+   old or new, never torn.
+
+The journal format is specified in docs/format.md ("Materialize journal").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import stat
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .chunking import iter_chunk_spans
+from .errors import ChunkError, ChunkNotFoundError, MaterializeError, UnsupportedVersionError
+from .fsutil import fsync_dir, preallocate, pwrite_all, remove_any, reserve, sync_files
+from .hashing import ChunkId
+from .manifest import Kind, Manifest
+from .plan import Action, plan_update
+from .store.base import ChunkSource
+
+JOURNAL_FORMAT = "cas-journal"
+JOURNAL_VERSION = 1
+FILE_MODE = 0o644
+EXEC_MODE = 0o755
+
+_thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+@dataclass(frozen=True)
+class MaterializeResult:
+    """What one materialize did. ``chunks_fetched``/``bytes_fetched`` came from the remote
+    source; ``chunks_reused`` were found locally (files of the old tree, a local store)."""
+
+    files: int
+    bytes_total: int
+    chunks_fetched: int
+    bytes_fetched: int
+    chunks_reused: int
+    bytes_written: int
+    seconds: float
+
+
+@contextmanager
+def locked(state_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive use of a state folder, across threads and processes."""
+    state = os.path.abspath(state_dir)
+    os.makedirs(state, exist_ok=True)
+    with _thread_locks[state]:
+        fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def recover(state_dir: str | os.PathLike[str]) -> bool:
+    """Finish a committed, half-applied materialize, or discard an uncommitted one.
+
+    Call with :func:`locked` held. Returns True if a committed journal was replayed.
+    """
+    txn = os.path.join(os.fspath(state_dir), "txn")
+    ops_path = os.path.join(txn, "ops")
+    replayed = False
+    if os.path.exists(ops_path):
+        with open(ops_path, "rb") as f:
+            journal = _load_journal(f.read(), ops_path)
+        _apply(journal["dest"], txn, journal["ops"])
+        replayed = True
+    if os.path.lexists(txn):
+        shutil.rmtree(txn)
+        fsync_dir(state_dir)
+    return replayed
+
+
+def materialize(
+    target: Manifest,
+    dest: str | os.PathLike[str],
+    *,
+    state_dir: str | os.PathLike[str],
+    local: Manifest | None,
+    sources: Sequence[ChunkSource] = (),
+    remote: ChunkSource | None = None,
+) -> MaterializeResult:
+    """Make ``dest`` equal to ``target``; files and folders not in ``target`` are removed.
+
+    ``local`` is the manifest of what is at ``dest`` now (None if nothing is, or if it is a
+    symlink), ``sources`` are local chunk sources (a seed of ``dest``, a store) asked first,
+    ``remote`` supplies the rest. Every source verifies what it yields. ``state_dir`` must
+    be on the same filesystem as ``dest``; call with :func:`locked` held and after
+    :func:`recover`.
+    """
+    t0 = time.perf_counter()
+    dest = os.path.abspath(dest)
+    state = os.path.abspath(state_dir)
+    _check_same_filesystem(dest, state)
+    plan = plan_update(local, target)
+    txn = os.path.join(state, "txn")
+    os.makedirs(os.path.join(txn, "stage"))
+    try:
+        prep = _prepare(plan.steps, target, dest, txn, sources, remote)
+        ops: list[list[object]] = [["rm", p] for p in plan.removals] + prep.ops
+        _commit(txn, dest, ops)
+    except BaseException:
+        shutil.rmtree(txn, ignore_errors=True)
+        raise
+    _apply(dest, txn, ops)
+    shutil.rmtree(txn)
+    return MaterializeResult(
+        files=sum(1 for _ in target.files()),
+        bytes_total=target.total_size,
+        chunks_fetched=prep.chunks_fetched,
+        bytes_fetched=prep.bytes_fetched,
+        chunks_reused=prep.chunks_reused,
+        bytes_written=prep.bytes_written,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _check_same_filesystem(dest: str, state: str) -> None:
+    probe = dest
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    dev = os.lstat(probe).st_dev
+    if dev != os.stat(state).st_dev:
+        raise MaterializeError(
+            f"state folder {state} is on another filesystem than {dest}: files could not be renamed into place atomically",
+            dest,
+        )
+
+
+@dataclass
+class _Prepared:
+    ops: list[list[object]]
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    chunks_reused: int = 0
+    bytes_written: int = 0
+
+
+def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _Prepared:  # type: ignore[no-untyped-def]
+    """Phase 1: stage every new byte under ``txn``; return the operations that apply them."""
+    out = _Prepared(ops=[])
+    targets: dict[ChunkId, list[tuple[int, int]]] = defaultdict(list)  # id -> (fd, offset)
+    sizes: dict[ChunkId, int] = {}
+    fds: list[int] = []
+    data_fd = -1
+    data_slots: dict[ChunkId, int] = {}
+    data_len = 0
+    try:
+        for i, step in enumerate(steps):
+            e = step.entry
+            rel = step.path
+            if step.action == Action.MKDIR:
+                out.ops.append(["mkdir", rel])
+            elif step.action == Action.LINK:
+                out.ops.append(["link", rel, e.target])
+            elif step.action == Action.CHMOD:
+                out.ops.append(["chmod", rel, e.executable])
+            elif step.action == Action.PLACE:
+                name = f"{i:08d}"
+                fd = os.open(os.path.join(txn, "stage", name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fds.append(fd)
+                os.fchmod(fd, EXEC_MODE if e.executable else FILE_MODE)
+                preallocate(fd, e.size)
+                for cid, off, n in iter_chunk_spans(e.chunks):
+                    targets[cid].append((fd, off))
+                    sizes[cid] = n
+                out.ops.append(["place", name, rel])
+            elif step.action == Action.PATCH:
+                if data_fd < 0:
+                    data_fd = os.open(os.path.join(txn, "data"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    fds.append(data_fd)
+                patches = []
+                for off, n, cid in step.ranges:
+                    slot = data_slots.get(cid)
+                    if slot is None:
+                        slot = data_slots[cid] = data_len
+                        data_len += n
+                        targets[cid].append((data_fd, slot))
+                        sizes[cid] = n
+                    patches.append([off, slot, n])
+                _reserve_growth(os.path.join(dest, rel) if rel else dest, e.size)
+                out.ops.append(["patch", rel, e.size, e.executable, patches])
+        if data_fd >= 0:
+            preallocate(data_fd, data_len)
+
+        def put(cid: ChunkId, data: bytes | bytearray | memoryview) -> None:
+            for fd, off in targets[cid]:
+                pwrite_all(fd, data, off)
+                out.bytes_written += len(data)
+
+        remaining = set(targets)
+        for src in sources:
+            have = src.has_many(remaining)
+            if not have:
+                continue
+            try:
+                for cid, data in src.get_many([c for c in targets if c in have]):
+                    if cid in remaining:
+                        put(cid, data)
+                        remaining.discard(cid)
+                        out.chunks_reused += 1
+            except ChunkError:
+                pass  # a local copy went bad: whatever it did not deliver is fetched below
+        if remaining:
+            wanted = [c for c in targets if c in remaining]  # order of first use
+            if remote is None:
+                raise ChunkNotFoundError(
+                    f"{len(wanted)} chunk(s) needed for {dest} are held by no source, e.g. {wanted[0].hex()}",
+                    wanted[0].hex(),
+                )
+            for cid, data in remote.get_many(wanted):
+                if cid in remaining:
+                    put(cid, data)
+                    remaining.discard(cid)
+                    out.chunks_fetched += 1
+                    out.bytes_fetched += len(data)
+            if remaining:
+                missing = next(iter(remaining))
+                raise ChunkNotFoundError(
+                    f"{getattr(remote, 'location', 'the remote source')} did not deliver {len(remaining)} chunk(s) "
+                    f"for {dest}, e.g. {missing.hex()}",
+                    missing.hex(),
+                )
+        sync_files(fds)
+        return out
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _reserve_growth(path: str, new_size: int) -> None:
+    """Allocate the blocks a patch will need beyond the file's end now, in phase 1, so that
+    applying it cannot run out of space half-way."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if new_size > size:
+            reserve(fd, size, new_size - size)
+    finally:
+        os.close(fd)
+
+
+def _commit(txn: str, dest: str, ops: list[list[object]]) -> None:
+    body = json.dumps({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "dest": dest, "ops": ops},
+                      ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogateescape")
+    tmp = os.path.join(txn, "ops.tmp")
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(os.path.join(txn, "stage"))
+    os.rename(tmp, os.path.join(txn, "ops"))
+    fsync_dir(txn)
+
+
+def _load_journal(raw: bytes, where: str) -> dict:  # type: ignore[type-arg]
+    try:
+        journal = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError as e:
+        raise MaterializeError(f"journal {where} is not readable: {e}", where) from None
+    if journal.get("format") != JOURNAL_FORMAT or journal.get("version") != JOURNAL_VERSION:
+        raise UnsupportedVersionError(f"journal {where} has format {journal.get('format')!r} version {journal.get('version')!r}")
+    return journal  # type: ignore[no-any-return]
+
+
+class _Tree:
+    """Resolves journal paths under ``dest`` without ever following a symlink: every parent
+    is made a real directory (whatever else stands there is removed), as the target says."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = dest
+        self._dirs: set[str] = set()
+        self.touched: set[str] = set()
+
+    def path(self, rel: str) -> str:
+        if not rel:
+            os.makedirs(os.path.dirname(self.dest), exist_ok=True)
+            self.touched.add(os.path.dirname(self.dest))
+            return self.dest
+        parts = rel.split("/")
+        cur = self.dest
+        for i, part in enumerate(["", *parts[:-1]]):
+            cur = os.path.join(cur, part) if part else cur
+            self.ensure_dir(cur, root=(i == 0))
+        self.touched.add(cur)
+        return os.path.join(cur, parts[-1])
+
+    def existing(self, rel: str) -> str | None:
+        """The path of ``rel`` if all its parents are real directories, else None: then
+        nothing of the old tree is left there to remove (and nothing is created)."""
+        if not rel:
+            return self.dest
+        cur = self.dest
+        for part in ["", *rel.split("/")[:-1]]:
+            cur = os.path.join(cur, part) if part else cur
+            st = _lstat(cur)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                return None
+        self.touched.add(cur)
+        return os.path.join(cur, rel.rsplit("/", 1)[-1])
+
+    def ensure_dir(self, path: str, root: bool = False) -> None:
+        if path in self._dirs:
+            return
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(path)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            if root:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.mkdir(path)
+            self.touched.add(os.path.dirname(path))
+        self._dirs.add(path)
+
+
+def _apply(dest: str, txn: str, ops: list[list[object]]) -> None:
+    """Phase 2. Every operation is idempotent, so this may run again after a crash."""
+    tree = _Tree(dest)
+    data_fd = -1
+    try:
+        for op in ops:
+            kind = op[0]
+            if kind == "rm":
+                path = tree.existing(str(op[1]))
+                if path is not None:
+                    remove_any(path)
+            elif kind == "mkdir":
+                path = tree.path(str(op[1]))
+                tree.ensure_dir(path, root=not op[1])
+            elif kind == "place":
+                staged = os.path.join(txn, "stage", str(op[1]))
+                path = tree.path(str(op[2]))
+                if os.path.exists(staged):
+                    st = _lstat(path)
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(path)
+                    os.rename(staged, path)
+            elif kind == "patch":
+                _, rel, size, executable, patches = op
+                if data_fd < 0:
+                    data_fd = os.open(os.path.join(txn, "data"), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(tree.path(str(rel)), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # removed behind our back: the next sync sees it missing and fetches it
+                try:
+                    for off, slot, n in patches:  # type: ignore[attr-defined]
+                        pwrite_all(fd, os.pread(data_fd, n, slot), off)
+                    os.ftruncate(fd, int(size))  # type: ignore[arg-type]
+                    os.fchmod(fd, EXEC_MODE if executable else FILE_MODE)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            elif kind == "link":
+                path = tree.path(str(op[1]))
+                try:
+                    if os.readlink(path) == op[2]:
+                        continue
+                except OSError:
+                    pass
+                remove_any(path)
+                os.symlink(str(op[2]), path)
+            elif kind == "chmod":
+                path = tree.path(str(op[1]))
+                os.chmod(path, EXEC_MODE if op[2] else FILE_MODE, follow_symlinks=False)
+            else:
+                raise MaterializeError(f"unknown journal operation {kind!r}", dest)
+    finally:
+        if data_fd >= 0:
+            os.close(data_fd)
+    for d in tree.touched:
+        if os.path.isdir(d):
+            fsync_dir(d)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None

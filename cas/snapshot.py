@@ -1,0 +1,139 @@
+"""Snapshot: walk a file or folder and produce its manifest.
+
+Guarantee: the manifest describes a state each file really had. A file is read between two
+``fstat`` calls; if size, mtime or ctime moved, or fewer/more bytes came than its size said,
+it is read again (up to ``retries`` times) and then :class:`FileChangedError` is raised.
+A file whose stat signature is in the stat cache is not read at all.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .chunking import Chunker
+from .errors import FileChangedError, ManifestError, SnapshotError, UnsafePathError
+from .manifest import Entry, Kind, Manifest
+from .statcache import StatCache
+
+
+def snapshot(
+    path: str | os.PathLike[str],
+    chunker: Chunker,
+    stat_cache: StatCache | None = None,
+    *,
+    retries: int = 3,
+) -> Manifest:
+    """The manifest of the file or folder at ``path`` (a symlink at ``path`` itself is followed).
+
+    Raises ``FileNotFoundError`` if it does not exist, :class:`UnsafePathError` for a symlink
+    that leaves the tree, :class:`SnapshotError` for unreadable or unsupported entries.
+    """
+    root = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "No such file or directory (nothing to snapshot)", root) from None
+    except OSError as e:
+        raise SnapshotError(f"cannot stat {root}: {e.strerror}", root) from e
+    walker = _Walker(chunker, stat_cache, retries)
+    try:
+        if stat.S_ISREG(st.st_mode):
+            entries = [walker.file_entry(root, "")]
+            root_kind = Kind.FILE
+        elif stat.S_ISDIR(st.st_mode):
+            entries = []
+            walker.walk_dir(root, "", entries)
+            root_kind = Kind.DIR
+        else:
+            raise SnapshotError(f"{root} is neither a regular file nor a directory", root)
+        try:
+            return Manifest.build(chunker.params, root_kind, entries)
+        except UnsafePathError as e:
+            where = os.path.join(root, e.path) if e.path else root
+            raise UnsafePathError(f"{e} (at {where})", e.path) from None
+        except ManifestError as e:
+            raise SnapshotError(f"cannot snapshot {root}: {e}", root) from None
+    finally:
+        if stat_cache is not None:
+            stat_cache.flush()
+
+
+class _Walker:
+    def __init__(self, chunker: Chunker, cache: StatCache | None, retries: int) -> None:
+        self.chunker = chunker
+        self.cache = cache
+        self.retries = retries
+
+    def walk_dir(self, abs_dir: str, rel_dir: str, out: list[Entry]) -> None:
+        try:
+            with os.scandir(abs_dir) as it:
+                children = list(it)
+        except OSError as e:
+            raise SnapshotError(f"cannot list {abs_dir}: {e.strerror}", abs_dir) from e
+        for child in children:
+            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            try:
+                st = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we walked: it is simply not part of this snapshot
+            except OSError as e:
+                raise SnapshotError(f"cannot stat {child.path}: {e.strerror}", child.path) from e
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                out.append(Entry(rel, Kind.DIR))
+                self.walk_dir(child.path, rel, out)
+            elif stat.S_ISREG(mode):
+                try:
+                    out.append(self.file_entry(child.path, rel))
+                except FileNotFoundError:
+                    continue
+            elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(child.path)
+                except FileNotFoundError:
+                    continue
+                out.append(Entry(rel, Kind.SYMLINK, target=target))
+            else:
+                raise SnapshotError(f"{child.path}: unsupported file type (not a file, directory or symlink)", child.path)
+
+    def file_entry(self, abs_path: str, rel: str) -> Entry:
+        params = self.chunker.params
+        for _ in range(self.retries + 1):
+            try:
+                fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise
+            except OSError as e:  # EACCES, ELOOP (replaced by a symlink since the walk)...
+                raise SnapshotError(f"cannot read {abs_path}: {e.strerror}", abs_path) from e
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    raise SnapshotError(f"{abs_path} stopped being a regular file", abs_path)
+                executable = bool(before.st_mode & stat.S_IXUSR)
+                cached = self.cache.get(params, abs_path, before) if self.cache else None
+                if cached is not None:
+                    return Entry(rel, Kind.FILE, executable, before.st_size, cached)
+                try:
+                    chunks, nread = self.chunker.chunk_file(fd, before.st_size)
+                except OSError as e:
+                    raise SnapshotError(f"cannot read {abs_path}: {e.strerror}", abs_path) from e
+                after = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if nread == before.st_size and _same(before, after):
+                if self.cache is not None:
+                    self.cache.put(params, abs_path, after, chunks)
+                return Entry(rel, Kind.FILE, executable, nread, chunks)
+        raise FileChangedError(
+            f"{abs_path} kept changing while it was read ({self.retries + 1} attempts); "
+            "no consistent snapshot of it could be taken",
+            abs_path,
+        )
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
+        b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino,
+    )
+

@@ -1,0 +1,104 @@
+"""Chunk sources other than stores: the files of a tree ("seeds"), and a first-that-has-it chain.
+
+A seed is a tree already on disk together with its manifest: any chunk inside its files can
+be read from there instead of being fetched (desync's idea). Chunks held inside materialized
+files are therefore never stored a second time. A seed's files may have changed since its
+manifest was taken, so every read is verified; a chunk that no longer matches is skipped
+(reported in ``stale``) rather than trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+
+from .chunking import iter_chunk_spans
+from .errors import ChunkNotFoundError
+from .hashing import ChunkId, chunk_id
+from .manifest import Manifest
+from .store.base import ChunkSource, Payload
+
+
+class SeedSource:
+    """Chunks read from the files of ``root``, located by that tree's manifest ``manifest``.
+
+    ``get_many`` yields only chunks whose bytes still verify; the ids that did not are added
+    to ``stale`` (the file changed under us), so the caller can fetch them elsewhere.
+    """
+
+    def __init__(self, manifest: Manifest, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        self.location = f"seed:{self.root}"
+        self.stale: set[ChunkId] = set()
+        self._where: dict[ChunkId, tuple[str, int, int]] = {}
+        for e in manifest.files():
+            path = os.path.join(self.root, e.path) if e.path else self.root
+            for cid, off, n in iter_chunk_spans(e.chunks):
+                self._where.setdefault(cid, (path, off, n))
+
+    def __contains__(self, cid: ChunkId) -> bool:
+        return cid in self._where
+
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        return {cid for cid in ids if cid in self._where}
+
+    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        by_file: dict[str, list[tuple[int, int, ChunkId]]] = defaultdict(list)
+        for cid in ids:
+            loc = self._where.get(cid)
+            if loc is None:
+                raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
+            by_file[loc[0]].append((loc[1], loc[2], cid))
+        for path, spans in by_file.items():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                self.stale.update(cid for _, _, cid in spans)
+                continue
+            try:
+                for off, n, cid in sorted(spans):
+                    data = os.pread(fd, n, off)
+                    if len(data) == n and chunk_id(data) == cid:
+                        yield cid, data
+                    else:
+                        self.stale.add(cid)
+            finally:
+                os.close(fd)
+
+
+class ChainSource:
+    """Several sources asked in order; each id is read from the first that has it."""
+
+    def __init__(self, sources: Sequence[ChunkSource]) -> None:
+        self.sources = list(sources)
+        self.location = " -> ".join(getattr(s, "location", type(s).__name__) for s in self.sources)
+
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        want = set(ids)
+        found: set[ChunkId] = set()
+        for s in self.sources:
+            if not want:
+                break
+            got = s.has_many(want)
+            found |= got
+            want -= got
+        return found
+
+    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        want = list(dict.fromkeys(ids))
+        for s in self.sources:
+            if not want:
+                return
+            here = s.has_many(want)
+            if here:
+                delivered: set[ChunkId] = set()
+                for cid, data in s.get_many([c for c in want if c in here]):
+                    delivered.add(cid)
+                    yield cid, data
+                want = [c for c in want if c not in delivered]
+        if want:
+            raise ChunkNotFoundError(
+                f"{len(want)} chunk(s) are in none of {self.location}, e.g. {want[0].hex()}", want[0].hex()
+            )
+

@@ -1,0 +1,93 @@
+"""A persistent cache of file stat signatures -> chunk lists, in LMDB.
+
+Re-snapshotting an unchanged tree then costs one ``lstat`` per entry and one LMDB read per
+file, instead of reading and hashing every byte. An entry is used only when size, mtime_ns,
+ctime_ns, inode and device all match, and the chunker parameters are the same.
+
+Racy entries: a file written within ``RACY_NS`` of the snapshot could be written again in
+the same timestamp tick without its stat changing, so such files are hashed but not cached
+(git's "racy clean" problem). The cache is only an accelerator: deleting it loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+
+import lmdb
+
+from .chunking import ChunkerParams
+from .errors import StoreError
+
+RACY_NS = 1_000_000_000
+_SIG = struct.Struct("<QqqQQ")  # size, mtime_ns, ctime_ns, ino, dev
+_FORMAT_KEY = b"\x00format"
+_FORMAT = b"cas-statcache-1"
+
+
+def _sig(st: os.stat_result) -> bytes:
+    return _SIG.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+class StatCache:
+    """Maps (chunker params, absolute path, stat signature) to a packed chunk list.
+
+    Safe to share between threads and processes (LMDB's own locking). Writes are buffered
+    by :meth:`put` and committed in one transaction by :meth:`flush`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], map_size: int = 1 << 36) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=0, subdir=True)
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open stat cache at {self.path}: {e}", str(self.path)) from e
+        with self._env.begin(write=True) as txn:
+            fmt = txn.get(_FORMAT_KEY)
+            if fmt is None:
+                txn.put(_FORMAT_KEY, _FORMAT)
+            elif fmt != _FORMAT:
+                txn.drop(self._env.open_db(), delete=False)
+                txn.put(_FORMAT_KEY, _FORMAT)
+        self._pending: dict[bytes, bytes] = {}
+
+    @staticmethod
+    def _key(params: ChunkerParams, path: str) -> bytes:
+        tag = struct.pack("<BIII", params.algorithm, params.min_size, params.avg_size, params.max_size)
+        return tag + os.fsencode(path)
+
+    def get(self, params: ChunkerParams, path: str, st: os.stat_result) -> bytes | None:
+        """The chunk list cached for this exact stat signature, or None."""
+        key = self._key(params, path)
+        with self._env.begin(buffers=False) as txn:
+            value = txn.get(key)
+        if value is None or value[: _SIG.size] != _sig(st):
+            return None
+        return value[_SIG.size :]
+
+    def put(self, params: ChunkerParams, path: str, st: os.stat_result, chunks: bytes) -> None:
+        """Remember ``chunks`` for ``path`` as it was at ``st`` (unless the file is racy)."""
+        if max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - RACY_NS:
+            return
+        self._pending[self._key(params, path)] = _sig(st) + chunks
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        with self._env.begin(write=True) as txn:
+            for k, v in pending.items():
+                txn.put(k, v)
+
+    def close(self) -> None:
+        self.flush()
+        self._env.close()
+
+    def __enter__(self) -> StatCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

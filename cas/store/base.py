@@ -1,0 +1,82 @@
+"""The chunk store interface: a handful of batch methods, written against by everything above.
+
+Batch calls let a remote store run many requests at once; a local one just loops. Every
+implementation runs the same conformance suite, :mod:`cas.testing`, which is the real
+specification of these methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from ..hashing import ChunkId
+
+Payload = bytes | bytearray | memoryview
+
+
+class ChunkSource(Protocol):
+    """Anything chunks can be read from: a store, the files of a tree (a seed), an origin."""
+
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        """The subset of ``ids`` this source can deliver."""
+        ...
+
+    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        """(id, plain bytes) for each of ``ids``, in any order, each verified against its id.
+
+        Raises ChunkNotFoundError for an id the source does not hold, ChunkCorruptError
+        for bytes that fail verification. Yielded buffers may be reused after the
+        consumer advances the iterator: copy what must outlive one step.
+        """
+        ...
+
+
+class ChunkStore(ABC):
+    """A place where chunks rest, named by their id.
+
+    Guarantees every implementation keeps (and the conformance suite checks):
+    - ``put_many`` verifies each chunk against its id; on error nothing of the batch is
+      added. After it returns, the chunks survive a crash of the process (durable).
+    - ``get_many`` returns exactly the bytes that were put, verified again on the way out.
+    - Puts are idempotent; a store opened after a writer was killed at any instant is
+      consistent: every id it lists can be read back and verifies.
+    """
+
+    #: Whether ``delete_many`` removes chunks (a read-only mirror might not).
+    supports_deletes: bool = True
+    #: Where the store lives, for messages (a folder, a bucket URL).
+    location: str = ""
+
+    @abstractmethod
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        """The subset of ``ids`` present in the store."""
+
+    @abstractmethod
+    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        """(id, plain bytes) of each id, verified; ChunkNotFoundError for an absent one."""
+
+    @abstractmethod
+    def put_many(self, items: Iterable[tuple[ChunkId, Payload]]) -> int:
+        """Store chunks (verified, deduplicated); the number that were not present before."""
+
+    @abstractmethod
+    def iter_ids(self) -> Iterator[ChunkId]:
+        """Every id in the store, each once, in no particular order."""
+
+    @abstractmethod
+    def delete_many(self, ids: Iterable[ChunkId]) -> int:
+        """Remove chunks; the number that were present. Absent ids are ignored."""
+
+    def close(self) -> None:
+        """Release files and connections. The default does nothing."""
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"

@@ -1,0 +1,247 @@
+"""A chunk store in a local folder: an LMDB index, chunk bytes in append-only pack files.
+
+Layout (specified in docs/format.md, "Local chunk store")::
+
+    <root>/FORMAT            "cas-chunkstore 1"
+    <root>/index/            LMDB: chunk id -> (pack, offset, stored length, raw length, codec)
+    <root>/packs/<16 hex>.pack   records: 44-byte header (magic, codec, lengths, id) + payload
+
+LMDB holds only small records (it fragments with 1 MiB values); bytes live in packs.
+
+Crash safety: each writer (one per open store object) appends to a pack of its own, fsyncs
+it, and only then commits the index entries that point into it, in one LMDB transaction.
+A process killed at any instant leaves at worst unreferenced bytes at a pack's tail; every
+indexed chunk is complete. Several processes may share a store: LMDB serialises index
+writes, and writers never share a pack.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import lmdb
+
+from ..compress import decompress, maybe_compress
+from ..errors import ChunkCorruptError, ChunkNotFoundError, StoreError, UnsupportedVersionError
+from ..hashing import ID_SIZE, ChunkId, verify
+from .base import ChunkStore, Payload
+
+FORMAT_TEXT = "cas-chunkstore 1\n"
+RECORD = struct.Struct("<2sBBII32s")  # magic, codec, reserved, stored length, raw length, id
+RECORD_MAGIC = b"CK"
+INDEX = struct.Struct("<QQIIB")  # pack id, record offset, stored length, raw length, codec
+
+_WRITE_BUFFER = 8 << 20
+_MAX_IOV = 512  # buffers per writev (the kernel's IOV_MAX is 1024)
+
+
+class LocalChunkStore(ChunkStore):
+    """Chunks in pack files under ``root``, indexed by LMDB. Thread- and process-safe."""
+
+    def __init__(self, root: str | os.PathLike[str], *, pack_limit: int = 512 << 20, map_size: int = 1 << 36) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        self.pack_limit = pack_limit
+        self._packs = self.root / "packs"
+        try:
+            self._packs.mkdir(parents=True, exist_ok=True)
+            self._check_format()
+            self._env = lmdb.open(str(self.root / "index"), map_size=map_size, subdir=True, max_dbs=1)
+            self._db = self._env.open_db(b"chunks")
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open chunk store index at {self.root}: {e}", self.location) from e
+        except OSError as e:
+            raise StoreError(f"cannot open chunk store at {self.root}: {e}", self.location) from e
+        self._lock = threading.Lock()
+        self._readers: dict[int, int] = {}
+        self._writer: tuple[int, int] | None = None  # (pack id, fd)
+        self._writer_size = 0
+        self._closed = False
+
+    def _check_format(self) -> None:
+        fmt = self.root / "FORMAT"
+        try:
+            text = fmt.read_text()
+        except FileNotFoundError:
+            tmp = self.root / f".FORMAT.{secrets.token_hex(4)}"
+            tmp.write_text(FORMAT_TEXT)
+            os.replace(tmp, fmt)
+            return
+        if text != FORMAT_TEXT:
+            raise UnsupportedVersionError(f"{self.root} is not a chunk store this version reads: FORMAT says {text.strip()!r}")
+
+    def _pack_path(self, pack_id: int) -> Path:
+        return self._packs / f"{pack_id:016x}.pack"
+
+    # -- reads -------------------------------------------------------------------
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        with self._env.begin(db=self._db) as txn:
+            return {cid for cid in ids if txn.get(cid) is not None}
+
+    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        ids = list(ids)
+        with self._env.begin(db=self._db) as txn:
+            locs = [(cid, txn.get(cid)) for cid in ids]
+        for cid, loc in locs:
+            if loc is None:
+                raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
+            yield cid, self._read(cid, loc)
+
+    def _read(self, cid: ChunkId, loc: bytes) -> Payload:
+        pack_id, offset, stored, raw, codec = INDEX.unpack(loc)
+        where = f"{self._pack_path(pack_id)}@{offset}"
+        try:
+            blob = os.pread(self._reader(pack_id), RECORD.size + stored, offset)
+        except OSError as e:
+            raise StoreError(f"cannot read chunk {cid.hex()} from {where}: {e}", self.location) from e
+        if len(blob) != RECORD.size + stored:
+            raise ChunkCorruptError(f"chunk {cid.hex()} is truncated in {where}", cid.hex())
+        magic, rcodec, _, rstored, rraw, rid = RECORD.unpack_from(blob)
+        if (magic, rcodec, rstored, rraw, rid) != (RECORD_MAGIC, codec, stored, raw, cid):
+            raise ChunkCorruptError(f"chunk {cid.hex()}: record header at {where} does not match the index", cid.hex())
+        data = decompress(codec, memoryview(blob)[RECORD.size :], raw, cid.hex())
+        verify(cid, data, where)
+        return data
+
+    def _reader(self, pack_id: int) -> int:
+        fd = self._readers.get(pack_id)
+        if fd is None:
+            with self._lock:
+                fd = self._readers.get(pack_id)
+                if fd is None:
+                    fd = os.open(self._pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+                    self._readers[pack_id] = fd
+        return fd
+
+    def iter_ids(self) -> Iterator[ChunkId]:
+        with self._env.begin(db=self._db) as txn:
+            keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        return iter(keys)
+
+    # -- writes ------------------------------------------------------------------
+    def put_many(self, items: Iterable[tuple[ChunkId, Payload]]) -> int:
+        with self._lock:
+            self._ensure_open()
+            seen: set[ChunkId] = set()
+            pending: list[tuple[ChunkId, Payload]] = []
+            for cid, data in items:
+                if len(cid) != ID_SIZE:
+                    raise ValueError(f"chunk id must be {ID_SIZE} bytes, got {len(cid)}")
+                if cid not in seen:
+                    seen.add(cid)
+                    pending.append((cid, data))
+            if not pending:
+                return 0
+            present = self.has_many(seen)
+            records: list[tuple[ChunkId, bytes]] = []
+            out: list[bytes | memoryview] = []
+            out_len = 0
+            try:
+                for cid, data in pending:
+                    if cid in present:
+                        continue
+                    verify(cid, data, "put")
+                    codec, payload = maybe_compress(data)
+                    pack_id, fd = self._writable()
+                    offset = self._writer_size + out_len
+                    out.append(RECORD.pack(RECORD_MAGIC, codec, 0, len(payload), len(data), cid))
+                    out.append(payload)
+                    out_len += RECORD.size + len(payload)
+                    records.append((cid, INDEX.pack(pack_id, offset, len(payload), len(data), codec)))
+                    if (
+                        out_len >= _WRITE_BUFFER
+                        or len(out) >= _MAX_IOV
+                        or self._writer_size + out_len >= self.pack_limit
+                    ):
+                        self._flush(out, out_len)
+                        out, out_len = [], 0
+                self._flush(out, out_len)
+                if records:
+                    os.fdatasync(self._writer[1])  # type: ignore[index]
+            except OSError as e:
+                self._drop_writer()
+                raise StoreError(f"cannot write chunks to {self.location}: {e}", self.location) from e
+            except BaseException:
+                self._drop_writer()
+                raise
+            added = 0
+            with self._env.begin(write=True, db=self._db) as txn:
+                for cid, loc in records:
+                    added += txn.put(cid, loc, overwrite=False)
+            return added
+
+    def _writable(self) -> tuple[int, int]:
+        if self._writer is not None and self._writer_size < self.pack_limit:
+            return self._writer
+        self._drop_writer()
+        pack_id = secrets.randbits(64)
+        fd = os.open(self._pack_path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        # An exclusive lock marks the pack as being written (compaction skips locked packs).
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _fsync_dir(self._packs)
+        self._writer = (pack_id, fd)
+        self._writer_size = 0
+        return self._writer
+
+    def _flush(self, out: list[bytes | memoryview], out_len: int) -> None:
+        if not out:
+            return
+        assert self._writer is not None
+        views = [memoryview(b) for b in out]
+        while views:  # writev may write less than asked (a signal, a nearly full disk)
+            n = os.writev(self._writer[1], views)
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+        self._writer_size += out_len
+
+    def _drop_writer(self) -> None:
+        """Stop appending to the current pack (after an error its tail is unknown)."""
+        if self._writer is not None:
+            os.close(self._writer[1])
+            self._writer = None
+            self._writer_size = 0
+
+    def delete_many(self, ids: Iterable[ChunkId]) -> int:
+        """Remove index entries. Pack bytes are reclaimed by compaction, not here."""
+        with self._lock:
+            self._ensure_open()
+            with self._env.begin(write=True, db=self._db) as txn:
+                return sum(bool(txn.delete(cid)) for cid in set(ids))
+
+    # -- lifecycle ---------------------------------------------------------------
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"chunk store {self.location} is closed", self.location)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._drop_writer()
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
+            self._env.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

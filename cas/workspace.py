@@ -1,0 +1,95 @@
+"""A workspace: one folder's cas state (stat cache, journal, staging) and the operations on it.
+
+This is the object most callers want: ``snapshot`` a path, ``sync`` a path to a manifest
+from some chunk source. It takes the state lock, finishes any interrupted sync first, uses
+the current files as a seed (chunks already on disk are never fetched), and reports what it did.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
+from .errors import MaterializeError
+from .manifest import Manifest
+from .materialize import MaterializeResult, locked, materialize, recover
+from .plan import plan_fetch
+from .snapshot import snapshot
+from .sources import SeedSource
+from .statcache import StatCache
+from .store.base import ChunkSource
+
+
+class Workspace:
+    """The cas state kept in ``state_dir`` for the trees it snapshots and materializes.
+
+    ``state_dir`` must be on the same filesystem as the trees synced into (files are staged
+    there, then renamed into place).
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], params: ChunkerParams = DEFAULT_PARAMS) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.chunker = Chunker(params)
+        self.stat_cache = StatCache(self.state_dir / "statcache")
+
+    def snapshot(self, path: str | os.PathLike[str]) -> Manifest:
+        """The manifest of ``path`` now (unchanged files are not read again)."""
+        return snapshot(path, self.chunker, self.stat_cache)
+
+    def local_manifest(self, path: str | os.PathLike[str]) -> Manifest | None:
+        """What is at ``path`` now, or None if nothing (or only a symlink) is there."""
+        if not os.path.lexists(path) or os.path.islink(path):
+            return None
+        return self.snapshot(path)
+
+    def sync(
+        self,
+        target: Manifest,
+        dest: str | os.PathLike[str],
+        *,
+        remote: ChunkSource | None = None,
+        sources: Sequence[ChunkSource] = (),
+        overwrite: bool = True,
+    ) -> MaterializeResult:
+        """Make ``dest`` equal to ``target``, fetching from ``remote`` only chunks held nowhere here.
+
+        With ``overwrite=False`` a ``dest`` that exists raises ``FileExistsError`` and nothing
+        is written. Chunks come first from ``dest``'s own files, then from ``sources``.
+        """
+        if target.params != self.chunker.params:
+            raise MaterializeError(
+                f"manifest was cut with {target.params}, this workspace with {self.chunker.params}", os.fspath(dest)
+            )
+        with locked(self.state_dir):
+            recover(self.state_dir)
+            if not overwrite and os.path.lexists(dest):
+                raise FileExistsError(17, "exists locally and overwrite is False", os.fspath(dest))
+            local = self.local_manifest(dest)
+            seeds: list[ChunkSource] = [SeedSource(local, dest)] if local is not None else []
+            return materialize(
+                target, dest, state_dir=self.state_dir, local=local, sources=[*seeds, *sources], remote=remote
+            )
+
+    def missing(self, target: Manifest, dest: str | os.PathLike[str]) -> set[bytes]:
+        """The chunks of ``target`` that a sync into ``dest`` would have to fetch."""
+        local = self.local_manifest(dest)
+        held = SeedSource(local, dest) if local is not None else set()
+        return set(plan_fetch(target, held).missing)
+
+    def recover(self) -> bool:
+        """Finish or discard an interrupted sync; True if one was finished."""
+        with locked(self.state_dir):
+            return recover(self.state_dir)
+
+    def close(self) -> None:
+        self.stat_cache.close()
+        self.chunker.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
