@@ -4,15 +4,19 @@ Re-snapshotting an unchanged tree then costs one ``lstat`` per entry and one LMD
 file, instead of reading and hashing every byte. An entry is used only when size, mtime_ns,
 ctime_ns, inode and device all match, and the chunker parameters are the same.
 
-Racy entries: a file written within ``RACY_NS`` of the snapshot could be written again in
-the same timestamp tick without its stat changing, so such files are hashed but not cached
-(git's "racy clean" problem). The cache is only an accelerator: deleting it loses nothing.
+Racy entries: a file written within one timestamp tick of the snapshot could be written
+again in the same tick without its stat changing, so such files are hashed but not cached
+(git's "racy clean" problem). Linux filesystems stamp files from a coarse clock (a few ms);
+a file whose mtime is a whole second may live on a filesystem with 1-2 s granularity, so
+for those the window is ``RACY_COARSE_NS``. The cache is only an accelerator: deleting it
+loses nothing.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +25,8 @@ import lmdb
 from .chunking import ChunkerParams
 from .errors import StoreError
 
-RACY_NS = 1_000_000_000
+RACY_NS = 100_000_000
+RACY_COARSE_NS = 2_000_000_000
 _SIG = struct.Struct("<QqqQQ")  # size, mtime_ns, ctime_ns, ino, dev
 _FORMAT_KEY = b"\x00format"
 _FORMAT = b"cas-statcache-1"
@@ -53,6 +58,7 @@ class StatCache:
                 txn.drop(self._env.open_db(), delete=False)
                 txn.put(_FORMAT_KEY, _FORMAT)
         self._pending: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(params: ChunkerParams, path: str) -> bytes:
@@ -70,14 +76,17 @@ class StatCache:
 
     def put(self, params: ChunkerParams, path: str, st: os.stat_result, chunks: bytes) -> None:
         """Remember ``chunks`` for ``path`` as it was at ``st`` (unless the file is racy)."""
-        if max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - RACY_NS:
+        window = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
+        if max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - window:
             return
-        self._pending[self._key(params, path)] = _sig(st) + chunks
+        with self._lock:
+            self._pending[self._key(params, path)] = _sig(st) + chunks
 
     def flush(self) -> None:
-        if not self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
             return
-        pending, self._pending = self._pending, {}
         with self._env.begin(write=True) as txn:
             for k, v in pending.items():
                 txn.put(k, v)

@@ -3,5 +3,6 @@
 from .base import ChunkSource, ChunkStore, Payload
 from .local import LocalChunkStore
 from .memory import MemoryChunkStore
+from .refs import LocalRefStore, RefStore
 
-__all__ = ["ChunkSource", "ChunkStore", "LocalChunkStore", "MemoryChunkStore", "Payload"]
+__all__ = ["ChunkSource", "ChunkStore", "LocalChunkStore", "LocalRefStore", "MemoryChunkStore", "Payload", "RefStore"]

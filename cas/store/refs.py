@@ -1,0 +1,118 @@
+"""Ref stores: named, replaceable pointers to manifests (name -> encoded manifest).
+
+Chunks are immutable and named by content; refs are the only mutable thing in a repository.
+A ref is written only after every chunk its manifest names is in the chunk store, so a
+reader that finds a ref can fetch the whole tree.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+
+from ..errors import StoreError, UnsupportedVersionError
+from ..fsutil import fsync_dir
+
+MAGIC = b"CASR"
+VERSION = 1
+_HEAD = struct.Struct("<4sHI")  # magic, version, name length
+
+
+class RefStore(ABC):
+    """name -> bytes, each put atomic (a reader sees the old or the new value, whole)."""
+
+    location: str = ""
+
+    @abstractmethod
+    def get(self, name: str) -> bytes | None:
+        """The value of ``name``, or None."""
+
+    @abstractmethod
+    def put(self, name: str, value: bytes) -> None:
+        """Set ``name`` to ``value`` durably, replacing any previous value."""
+
+    @abstractmethod
+    def delete(self, name: str) -> bool:
+        """Remove ``name``; whether it existed."""
+
+    @abstractmethod
+    def names(self, prefix: str = "") -> Iterator[str]:
+        """The names that start with ``prefix``."""
+
+    def close(self) -> None:
+        """Release resources. The default does nothing."""
+
+
+class LocalRefStore(RefStore):
+    """One file per ref, ``<root>/<blake3(name) hex>``, replaced by write + fsync + rename."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.location = str(self.root)
+
+    def _file(self, name: str) -> Path:
+        return self.root / blake3.blake3(name.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def get(self, name: str) -> bytes | None:
+        try:
+            raw = self._file(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        got, value = _decode(raw, str(self._file(name)))
+        if got != name:
+            raise StoreError(f"ref file {self._file(name)} holds {got!r}, not {name!r}", self.location)
+        return value
+
+    def put(self, name: str, value: bytes) -> None:
+        enc = name.encode("utf-8", "surrogateescape")
+        tmp = self.root / f".tmp-{secrets.token_hex(8)}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_HEAD.pack(MAGIC, VERSION, len(enc)) + enc)
+                f.write(value)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._file(name))
+            fsync_dir(self.root)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write ref {name!r} in {self.location}: {e}", self.location) from e
+
+    def delete(self, name: str) -> bool:
+        try:
+            self._file(name).unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.root)
+        return True
+
+    def names(self, prefix: str = "") -> Iterator[str]:
+        for f in sorted(self.root.iterdir()):
+            if f.name.startswith("."):
+                continue
+            try:
+                name, _ = _decode(f.read_bytes(), str(f))
+            except (FileNotFoundError, StoreError):
+                continue
+            if name.startswith(prefix):
+                yield name
+
+
+def _decode(raw: bytes, where: str) -> tuple[str, bytes]:
+    if len(raw) < _HEAD.size:
+        raise StoreError(f"ref file {where} is truncated", where)
+    magic, version, n = _HEAD.unpack_from(raw)
+    if magic != MAGIC:
+        raise StoreError(f"{where} is not a ref file", where)
+    if version != VERSION:
+        raise UnsupportedVersionError(f"ref file {where} has version {version}, this reads {VERSION}")
+    if _HEAD.size + n > len(raw):
+        raise StoreError(f"ref file {where} is truncated", where)
+    return raw[_HEAD.size : _HEAD.size + n].decode("utf-8", "surrogateescape"), raw[_HEAD.size + n :]

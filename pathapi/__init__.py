@@ -1,0 +1,22 @@
+"""pathapi: share files between works by writing ``lit://`` in front of a path.
+
+Built on :mod:`cas`: a Path resolves to a manifest at its origin; ``get`` moves only the
+chunks the receiver lacks and never writes an unverified byte into a user's file.
+"""
+
+from .app import App
+from .errors import AuthenticationError, OriginError, OriginUnreachableError, PathapiError, WorkError
+from .flow import Flow
+from .path import Path
+from .transfer import TransferRecord
+from .work import Work
+
+# Aliases, so code written for the original API runs with only its imports changed.
+LightningWork = Work
+LightningFlow = Flow
+LightningApp = App
+
+__all__ = [
+    "App", "AuthenticationError", "Flow", "LightningApp", "LightningFlow", "LightningWork",
+    "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferRecord", "Work", "WorkError",
+]

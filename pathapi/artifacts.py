@@ -1,0 +1,70 @@
+"""The artifact store: where works persist their Paths so others can fetch them after the
+origin stopped. A chunk store plus a ref store; the ref ``<work name>/<path>`` holds the
+manifest, written only after all its chunks are stored."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path as FsPath
+
+from cas import LocalChunkStore, Manifest, SeedSource
+from cas.errors import FileChangedError
+from cas.store import ChunkStore, LocalRefStore, RefStore
+from cas.workspace import Workspace
+
+#: Bytes of chunks read and stored per batch while persisting (bounds memory).
+PERSIST_BATCH = 64 << 20
+
+
+class ArtifactStore:
+    def __init__(self, chunks: ChunkStore, refs: RefStore, location: str) -> None:
+        self.chunks = chunks
+        self.refs = refs
+        self.location = location
+
+    @classmethod
+    def open(cls, url: str | os.PathLike[str] | None, app_root: str | os.PathLike[str]) -> ArtifactStore:
+        """``None``: a folder under the app root; a path: that folder."""
+        if url is None:
+            url = FsPath(app_root) / "artifacts"
+        text = os.fspath(url)
+        if "://" in text and not text.startswith("file://"):
+            raise ValueError(f"unsupported artifact store {text!r}: give a folder (S3 stores are not available yet)")
+        root = FsPath(text.removeprefix("file://")).absolute()
+        return cls(LocalChunkStore(root / "chunks"), LocalRefStore(root / "refs"), str(root))
+
+    @staticmethod
+    def ref_name(work: str, rel: str) -> str:
+        return f"{work}/{rel}"
+
+    def manifest(self, work: str, rel: str) -> Manifest | None:
+        raw = self.refs.get(self.ref_name(work, rel))
+        return Manifest.decode(raw) if raw is not None else None
+
+    def persist(self, work: str, rel: str, root: str, workspace: Workspace, attempts: int = 3) -> Manifest | None:
+        """Store the current tree at ``root`` as ``work``'s ``rel``: chunks the store lacks,
+        then the manifest. None if nothing exists at ``root``."""
+        for _ in range(attempts):
+            if not os.path.lexists(root):
+                return None
+            m = workspace.snapshot(root)
+            missing = sorted(m.chunk_ids() - self.chunks.has_many(m.chunk_ids()))
+            seed = SeedSource(m, root)
+            sizes = m.chunk_sizes()
+            batch: list[bytes] = []
+            size = 0
+            for cid in missing:
+                batch.append(cid)
+                size += sizes[cid]
+                if size >= PERSIST_BATCH:
+                    self.chunks.put_many(seed.get_many(batch))
+                    batch, size = [], 0
+            self.chunks.put_many(seed.get_many(batch))
+            if not seed.stale:
+                self.refs.put(self.ref_name(work, rel), m.encode())
+                return m
+        raise FileChangedError(f"{root} kept changing while it was persisted ({attempts} attempts)", root)
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.refs.close()

@@ -1,0 +1,191 @@
+"""The consumer side of the origin protocol: ask for manifests, fetch chunks.
+
+Connection problems and timeouts become :class:`OriginUnreachableError` within the
+configured timeout (never a hang); a refused secret is :class:`AuthenticationError`.
+Every chunk is decoded and verified against its id here, before anyone writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+
+import aiohttp
+
+from cas import Manifest
+from cas.compress import decompress
+from cas.errors import ChunkNotFoundError
+from cas.hashing import ChunkId, verify
+
+from .aio import io_loop
+from .errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
+from .protocol import (
+    BATCH_BYTES, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, PROTOCOL_VERSION,
+    STATUS_OK, STATUS_STALE,
+)
+
+#: Chunk requests in flight at once per transfer.
+IN_FLIGHT = 4
+
+_sessions: dict[int, aiohttp.ClientSession] = {}  # one per event loop, used only on that loop
+
+
+async def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    s = _sessions.get(id(loop))
+    if s is None or s.closed:
+        s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), auto_decompress=False)
+        _sessions[id(loop)] = s
+    return s
+
+
+async def close_sessions() -> None:
+    """Close this loop's HTTP session (at process shutdown)."""
+    s = _sessions.pop(id(asyncio.get_running_loop()), None)
+    if s is not None:
+        await s.close()
+
+
+class OriginClient:
+    """Talks to the origin service of work ``name`` at ``url``."""
+
+    def __init__(self, name: str, url: str, secret: str, timeout: float) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {secret}", HEADER_PROTOCOL: "1"}
+        assert PROTOCOL_VERSION == "1"
+
+    def _t(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout)
+
+    async def _request(self, method: str, path: str, **kw: object) -> tuple[int, bytes, dict[str, str]]:
+        s = await _session()
+        try:
+            async with s.request(method, self.url + path, headers=self._headers, timeout=self._t(), **kw) as r:  # type: ignore[arg-type]
+                body = await r.read()
+                return r.status, body, dict(r.headers)
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
+            raise OriginUnreachableError(
+                f"origin {self.name!r} at {self.url} did not answer within {self.timeout:g} s: {type(e).__name__}: {e}",
+                self.name,
+            ) from None
+
+    def _call(self, method: str, path: str, **kw: object) -> tuple[int, bytes, dict[str, str]]:
+        # The request itself is bounded by its own timeouts; the extra margin only guards
+        # against a wedged loop.
+        return io_loop().run(self._request(method, path, **kw), timeout=self.timeout * 4 + 30)
+
+    def _check(self, status: int, body: bytes, what: str) -> None:
+        if status == 401:
+            raise AuthenticationError(f"origin {self.name!r} refused the app secret ({what})", self.name)
+        if status >= 400:
+            raise OriginError(f"origin {self.name!r} could not serve {what}: HTTP {status}: {body[:300].decode(errors='replace')}", self.name)
+
+    def manifest(self, rel: str) -> Manifest | None:
+        """The current manifest of ``rel`` at the origin, or None if it does not exist there."""
+        status, body, headers = self._call("GET", "/v1/manifest", params={"path": rel})
+        if status == 404:
+            return None
+        if status == 409:
+            raise StaleManifestError(f"origin {self.name!r}: {rel!r} is changing: {body[:300].decode(errors='replace')}", self.name)
+        self._check(status, body, repr(rel))
+        m = Manifest.decode(body)
+        if headers.get(HEADER_MANIFEST_ID) != m.id.hex():
+            raise OriginError(f"origin {self.name!r} sent a manifest whose id does not match its header", self.name)
+        return m
+
+    def exists(self, rel: str) -> bool:
+        status, body, _ = self._call("GET", "/v1/exists", params={"path": rel})
+        self._check(status, body, repr(rel))
+        return bool(json.loads(body)["exists"])
+
+    async def _fetch(self, manifest_id: bytes, ids: list[ChunkId]) -> bytes:
+        status, body, _ = await self._request("POST", "/v1/chunks", data=manifest_id + b"".join(ids))
+        if status == 410:
+            raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
+        self._check(status, body, f"{len(ids)} chunks")
+        return body
+
+
+class OriginSource:
+    """A :class:`cas.ChunkSource` over one manifest served by an origin.
+
+    Fetches in batches of about BATCH_BYTES, IN_FLIGHT requests at once; decodes and verifies
+    every chunk. ``bytes_received`` counts payload bytes that crossed the socket.
+    """
+
+    def __init__(self, client: OriginClient, manifest: Manifest) -> None:
+        self.client = client
+        self.manifest = manifest
+        self.location = f"origin {client.name!r} ({client.url})"
+        self._sizes = manifest.chunk_sizes()
+        self.bytes_received = 0
+        self.chunks_received = 0
+
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        return {c for c in ids if c in self._sizes}
+
+    def _batches(self, ids: list[ChunkId]) -> Iterator[list[ChunkId]]:
+        batch: list[ChunkId] = []
+        size = 0
+        for cid in ids:
+            if cid not in self._sizes:
+                raise ChunkNotFoundError(f"chunk {cid.hex()} is not in the manifest served by {self.location}", cid.hex())
+            batch.append(cid)
+            size += self._sizes[cid]
+            if size >= BATCH_BYTES or len(batch) >= MAX_BATCH_IDS:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
+        loop = io_loop()
+        pending: deque[tuple[list[ChunkId], Future[bytes]]] = deque()
+        batches = self._batches(list(ids))
+        try:
+            for batch in batches:
+                pending.append((batch, loop.submit(self.client._fetch(self.manifest.id, batch))))
+                if len(pending) < IN_FLIGHT:
+                    continue
+                yield from self._decode(*self._next(pending))
+            while pending:
+                yield from self._decode(*self._next(pending))
+        finally:
+            for _, f in pending:
+                f.cancel()
+
+    def _next(self, pending: deque[tuple[list[ChunkId], Future[bytes]]]) -> tuple[list[ChunkId], bytes]:
+        batch, fut = pending.popleft()
+        return batch, fut.result(timeout=self.client.timeout * 4 + 30)
+
+    def _decode(self, batch: list[ChunkId], body: bytes) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
+        mv = memoryview(body)
+        pos = 0
+        want = set(batch)
+        while pos < len(mv):
+            if pos + FRAME.size > len(mv):
+                raise OriginError(f"{self.location} sent a truncated chunk frame", self.client.name)
+            status, codec, cid, raw, stored = FRAME.unpack_from(mv, pos)
+            pos += FRAME.size
+            if cid not in want:
+                raise OriginError(f"{self.location} sent chunk {cid.hex()}, which was not asked for", self.client.name)
+            if status == STATUS_STALE:
+                raise StaleManifestError(f"a file changed at {self.location} after its manifest was taken", self.client.name)
+            if status != STATUS_OK:
+                raise OriginError(f"{self.location} does not know chunk {cid.hex()}", self.client.name)
+            if pos + stored > len(mv) or raw != self._sizes[cid]:
+                raise OriginError(f"{self.location} sent a malformed frame for chunk {cid.hex()}", self.client.name)
+            data = decompress(codec, mv[pos : pos + stored], raw, cid.hex())
+            pos += stored
+            verify(cid, data, self.location)
+            want.discard(cid)
+            self.bytes_received += stored
+            self.chunks_received += 1
+            yield cid, data
+        if want:
+            raise OriginError(f"{self.location} left {len(want)} requested chunk(s) out of its answer", self.client.name)

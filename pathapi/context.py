@@ -1,0 +1,49 @@
+"""What a work process knows about itself while it runs: its name, root, stores, peers.
+
+There is one context per work process (set by the runner); in a flow's process there is
+none, which is how ``Path.get`` and friends know to refuse being called there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cas.workspace import Workspace
+
+from .artifacts import ArtifactStore
+
+
+@dataclass
+class WorkContext:
+    name: str
+    root: str  # absolute; the work's filesystem root and working directory
+    workspace: Workspace
+    artifacts: ArtifactStore
+    secret: str
+    timeout: float
+    #: work name -> origin service URL (None once that work has stopped)
+    registry: dict[str, str | None] = field(default_factory=dict)
+    in_run: bool = False
+
+
+_current: WorkContext | None = None
+
+
+def current() -> WorkContext | None:
+    return _current
+
+
+def set_current(ctx: WorkContext | None) -> None:
+    global _current
+    _current = ctx
+
+
+def require_run(what: str) -> WorkContext:
+    """The context of the running work; RuntimeError outside a work's ``run``."""
+    ctx = _current
+    if ctx is None or not ctx.in_run:
+        raise RuntimeError(
+            f"{what} can only be called inside a work's run(): flows do no filesystem work, "
+            "and outside an app there is no origin to ask"
+        )
+    return ctx

@@ -1,0 +1,107 @@
+"""``Work``: a component that runs in its own process, with its own filesystem root.
+
+In the flow's process a Work object is a handle: calling ``run`` sends the call (with the
+work's current public attributes) to the work's process and brings the updated attributes
+back. In the work's own process the same class runs the user's code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from .path import LIT, Path
+
+if TYPE_CHECKING:
+    from .runner import WorkHandle
+
+
+def public_state(obj: object) -> dict[str, Any]:
+    """The state of a work: its public attributes, other works and flows excluded."""
+    from .flow import Flow
+
+    return {
+        k: v for k, v in vars(obj).items()
+        if not k.startswith("_") and not isinstance(v, (Work, Flow))
+    }
+
+
+class Work:
+    """Subclass and define ``run``. ``parallel=True`` makes ``run`` return at once in the flow."""
+
+    _name: str | None
+    _parallel: bool
+    _handle: WorkHandle | None
+
+    def __init__(self, *args: Any, parallel: bool = False, **kwargs: Any) -> None:
+        object.__setattr__(self, "_name", None)
+        object.__setattr__(self, "_parallel", parallel)
+        object.__setattr__(self, "_handle", None)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        user_run = cls.__dict__.get("run")
+        if user_run is None or getattr(user_run, "_pathapi_dispatch", False):
+            return
+
+        @functools.wraps(user_run)
+        def run(self: Work, *args: Any, **kw: Any) -> Any:
+            handle = self.__dict__.get("_handle")
+            if handle is not None:  # in the flow's process: run it in the work's process
+                return handle.call_run(args, kw)
+            return user_run(self, *args, **kw)
+
+        run._pathapi_dispatch = True  # type: ignore[attr-defined]
+        cls.run = run  # type: ignore[method-assign]
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define run()")
+
+    # -- state -------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, str) and value.startswith(LIT):
+            value = Path(value)
+            value._attach_origin(self)
+        elif isinstance(value, Path) and value.origin_name is None and value._origin_work is None:
+            value._attach_origin(self)
+        object.__setattr__(self, name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def name(self) -> str | None:
+        """The attribute path from the root flow, e.g. ``root.train`` (None until attached)."""
+        return self._name
+
+    @property
+    def parallel(self) -> bool:
+        return self._parallel
+
+    # -- lifecycle, from the flow ------------------------------------------------
+    def _require_handle(self, what: str) -> WorkHandle:
+        handle = self.__dict__.get("_handle")
+        if handle is None:
+            raise RuntimeError(f"{what}: work {self._name or type(self).__name__} is not running in an app")
+        return handle
+
+    @property
+    def is_running(self) -> bool:
+        """Whether a ``run`` of this work is in progress (for ``parallel=True`` works)."""
+        handle = self.__dict__.get("_handle")
+        return handle is not None and handle.is_running
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the current run finishes; re-raise its error as WorkError."""
+        self._require_handle("wait()").wait(timeout)
+
+    def stop(self) -> None:
+        """Stop this work's process (after its Paths are persisted)."""
+        handle = self.__dict__.get("_handle")
+        if handle is not None:
+            handle.stop()
