@@ -50,10 +50,20 @@ class ChunkerParams:
     def __post_init__(self) -> None:
         if self.algorithm != ALGORITHM_FASTCDC2020:
             raise ValueError(f"unknown chunking algorithm {self.algorithm}")
-        if not (64 <= self.min_size <= self.avg_size <= self.max_size <= 16 * MiB):
+        # The ranges FastCDC accepts: anything else would pass here and fail at the first cut.
+        if not (
+            64 <= self.min_size <= 1 * MiB
+            and 256 <= self.avg_size <= 4 * MiB
+            and 1 * KiB <= self.max_size <= 16 * MiB
+            and self.min_size <= self.avg_size <= self.max_size
+        ):
             raise ValueError(f"bad chunk sizes: {self}")
         if self.avg_size & (self.avg_size - 1):
             raise ValueError(f"avg_size must be a power of two: {self.avg_size}")
+        if self.min_size % 2:
+            # FastCDC tests cut points two bytes at a time from min_size rounded down to even:
+            # an odd min_size would let chunks of min_size - 1 through.
+            raise ValueError(f"min_size must be even: {self.min_size}")
 
 
 DEFAULT_PARAMS = ChunkerParams()

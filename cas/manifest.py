@@ -37,6 +37,7 @@ _LINK = struct.Struct("<H")  # target length
 _LEN = struct.Struct("<I")
 
 FLAG_EXECUTABLE = 0x01
+_ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class Kind(IntEnum):
@@ -157,17 +158,20 @@ def _encode(params: ChunkerParams, root_kind: Kind, entries: tuple[Entry, ...]) 
     ]
     for e in entries:
         path = _utf8(e.path)
-        out.append(_ENTRY.pack(int(e.kind), FLAG_EXECUTABLE if e.executable else 0, len(path)))
-        out.append(path)
-        if e.kind == Kind.FILE:
-            if len(e.chunks) % RECORD_SIZE:
-                raise ManifestError(f"{e.path!r}: chunk list is not whole records")
-            out.append(_FILE.pack(e.size, len(e.chunks) // RECORD_SIZE))
-            out.append(e.chunks)
-        elif e.kind == Kind.SYMLINK:
-            target = _utf8(e.target)
-            out.append(_LINK.pack(len(target)))
-            out.append(target)
+        try:
+            out.append(_ENTRY.pack(int(e.kind), FLAG_EXECUTABLE if e.executable else 0, len(path)))
+            out.append(path)
+            if e.kind == Kind.FILE:
+                if len(e.chunks) % RECORD_SIZE:
+                    raise ManifestError(f"{e.path!r}: chunk list is not whole records")
+                out.append(_FILE.pack(e.size, len(e.chunks) // RECORD_SIZE))
+                out.append(e.chunks)
+            elif e.kind == Kind.SYMLINK:
+                target = _utf8(e.target)
+                out.append(_LINK.pack(len(target)))
+                out.append(target)
+        except struct.error as err:  # a path, target or size too large (or negative) to encode
+            raise ManifestError(f"{e.path[:80]!r}: cannot encode entry: {err}") from None
     return b"".join(out)
 
 
@@ -249,7 +253,7 @@ def check_relpath(path: str) -> list[str]:
     """Components of a safe relative POSIX path; :class:`UnsafePathError` otherwise."""
     if not path:
         raise UnsafePathError("empty path", path)
-    if path.startswith("/") or (len(path) > 1 and path[1] == ":" and path[0].isalpha()):
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":" and path[0] in _ASCII_LETTERS):
         raise UnsafePathError(f"absolute path {path!r} in manifest", path)
     if "\x00" in path or "\\" in path:
         raise UnsafePathError(f"path {path!r} contains a NUL or a backslash", path)
@@ -290,10 +294,21 @@ def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams
                 total += n
             if total != e.size:
                 raise ManifestError(f"{e.path!r}: size {e.size} but its chunks hold {total} bytes")
+    links = [e for e in entries if e.kind == Kind.SYMLINK]
+    for e in links:  # bound every target before resolving any (resolution expands targets)
+        _check_target(e.path, e.target)
     by_path = {e.path: e for e in entries}
-    for e in entries:
-        if e.kind == Kind.SYMLINK:
-            resolve_link(by_path, e.path, e.target)
+    for e in links:
+        resolve_link(by_path, e.path, e.target)
+
+
+def _check_target(link_path: str, target: str) -> None:
+    if not target:
+        raise UnsafePathError(f"symlink {link_path!r} has an empty target", link_path)
+    if target.startswith("/") or "\x00" in target or "\\" in target:
+        raise UnsafePathError(f"symlink {link_path!r} -> {target!r} is absolute or malformed", link_path)
+    if len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise UnsafePathError(f"symlink {link_path!r}: target longer than {MAX_PATH_BYTES} bytes", link_path)
 
 
 def resolve_link(by_path: Mapping[str, Entry], link_path: str, target: str) -> list[str]:
@@ -302,23 +317,24 @@ def resolve_link(by_path: Mapping[str, Entry], link_path: str, target: str) -> l
     Resolution follows other symlinks of the tree, as the kernel would; any step above the
     root, an absolute target, or more than MAX_SYMLINK_HOPS hops is :class:`UnsafePathError`.
     """
-    if not target:
-        raise UnsafePathError(f"symlink {link_path!r} has an empty target", link_path)
-    if target.startswith("/") or "\x00" in target or "\\" in target:
-        raise UnsafePathError(f"symlink {link_path!r} -> {target!r} is absolute or malformed", link_path)
+    _check_target(link_path, target)
     hops = 0
-    stack = link_path.split("/")[:-1]
-    pending = target.split("/")
+    # dirs[i] is the root-relative path of the i-th directory on the way down (so the
+    # path of the next component is one concatenation away, not a join of all of them).
+    dirs: list[str] = []
+    for part in link_path.split("/")[:-1]:
+        dirs.append(f"{dirs[-1]}/{part}" if dirs else part)
+    pending = target.split("/")[::-1]  # next component last: pop() is O(1)
     while pending:
-        part = pending.pop(0)
+        part = pending.pop()
         if part in ("", "."):
             continue
         if part == "..":
-            if not stack:
+            if not dirs:
                 raise UnsafePathError(f"symlink {link_path!r} -> {target!r} leaves the root", link_path)
-            stack.pop()
+            dirs.pop()
             continue
-        here = "/".join(stack + [part])
+        here = f"{dirs[-1]}/{part}" if dirs else part
         node = by_path.get(here)
         if node is not None and node.kind == Kind.SYMLINK:
             hops += 1
@@ -326,7 +342,9 @@ def resolve_link(by_path: Mapping[str, Entry], link_path: str, target: str) -> l
                 raise UnsafePathError(f"symlink {link_path!r}: too many levels of links", link_path)
             if node.target.startswith("/"):
                 raise UnsafePathError(f"symlink {here!r} -> {node.target!r} is absolute", here)
-            pending = node.target.split("/") + pending
+            if len(node.target) > MAX_PATH_BYTES:
+                raise UnsafePathError(f"symlink {here!r}: target longer than {MAX_PATH_BYTES} bytes", here)
+            pending.extend(reversed(node.target.split("/")))
             continue
-        stack.append(part)
-    return stack
+        dirs.append(here)
+    return dirs[-1].split("/") if dirs else []

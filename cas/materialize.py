@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .chunking import iter_chunk_spans
 from .errors import ChunkError, ChunkNotFoundError, MaterializeError, UnsupportedVersionError
@@ -60,6 +60,10 @@ class MaterializeResult:
     chunks_reused: int
     bytes_written: int
     seconds: float
+    #: Files this materialize wrote: path -> (size, mtime_ns) right after they were made
+    #: durable. A file still showing that stat holds exactly the target's bytes (callers
+    #: use this to fill a stat cache without reading the files back).
+    written: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
 
 @contextmanager
@@ -126,7 +130,7 @@ def materialize(
     except BaseException:
         shutil.rmtree(txn, ignore_errors=True)
         raise
-    _apply(dest, txn, ops)
+    written = prep.written | _apply(dest, txn, ops)
     shutil.rmtree(txn)
     return MaterializeResult(
         files=sum(1 for _ in target.files()),
@@ -136,6 +140,7 @@ def materialize(
         chunks_reused=prep.chunks_reused,
         bytes_written=prep.bytes_written,
         seconds=time.perf_counter() - t0,
+        written=written,
     )
 
 
@@ -158,6 +163,7 @@ class _Prepared:
     bytes_fetched: int = 0
     chunks_reused: int = 0
     bytes_written: int = 0
+    written: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _Prepared:  # type: ignore[no-untyped-def]
@@ -166,6 +172,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
     targets: dict[ChunkId, list[tuple[int, int]]] = defaultdict(list)  # id -> (fd, offset)
     sizes: dict[ChunkId, int] = {}
     fds: list[int] = []
+    staged: list[tuple[int, str]] = []
     data_fd = -1
     data_slots: dict[ChunkId, int] = {}
     data_len = 0
@@ -183,6 +190,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
                 name = f"{i:08d}"
                 fd = os.open(os.path.join(txn, "stage", name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 fds.append(fd)
+                staged.append((fd, rel))
                 os.fchmod(fd, EXEC_MODE if e.executable else FILE_MODE)
                 preallocate(fd, e.size)
                 for cid, off, n in iter_chunk_spans(e.chunks):
@@ -246,6 +254,9 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
                     missing.hex(),
                 )
         sync_files(fds)
+        for fd, rel in staged:
+            st = os.fstat(fd)
+            out.written[rel] = (st.st_size, st.st_mtime_ns)
         return out
     finally:
         for fd in fds:
@@ -339,9 +350,12 @@ class _Tree:
         self._dirs.add(path)
 
 
-def _apply(dest: str, txn: str, ops: list[list[object]]) -> None:
-    """Phase 2. Every operation is idempotent, so this may run again after a crash."""
+def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int, int]]:
+    """Phase 2. Every operation is idempotent, so this may run again after a crash.
+
+    Returns (size, mtime_ns) of each patched file once it is durable."""
     tree = _Tree(dest)
+    patched: dict[str, tuple[int, int]] = {}
     data_fd = -1
     try:
         for op in ops:
@@ -375,6 +389,8 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> None:
                     os.ftruncate(fd, int(size))  # type: ignore[arg-type]
                     os.fchmod(fd, EXEC_MODE if executable else FILE_MODE)
                     os.fsync(fd)
+                    st = os.fstat(fd)
+                    patched[str(rel)] = (st.st_size, st.st_mtime_ns)
                 finally:
                     os.close(fd)
             elif kind == "link":
@@ -397,6 +413,7 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> None:
     for d in tree.touched:
         if os.path.isdir(d):
             fsync_dir(d)
+    return patched
 
 
 def _lstat(path: str) -> os.stat_result | None:

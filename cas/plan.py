@@ -75,7 +75,7 @@ def plan_update(local: Manifest | None, target: Manifest, *, patch_fraction: flo
     """
     have = local.by_path if local is not None and local.root_kind == target.root_kind else {}
     steps: list[Step] = []
-    if target.root_kind == Kind.DIR and not have:
+    if target.root_kind == Kind.DIR and (local is None or local.root_kind != Kind.DIR):
         steps.append(Step("", Action.MKDIR, Entry("", Kind.DIR)))
     for e in target.entries:
         old = have.get(e.path)

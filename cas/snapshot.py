@@ -4,17 +4,34 @@ Guarantee: the manifest describes a state each file really had. A file is read b
 ``fstat`` calls; if size, mtime or ctime moved, or fewer/more bytes came than its size said,
 it is read again (up to ``retries`` times) and then :class:`FileChangedError` is raised.
 A file whose stat signature is in the stat cache is not read at all.
+
+Timestamps come from a coarse clock on many kernels (before Linux 6.13: one tick, up to
+10 ms; whole seconds on some filesystems), so a write in the same tick as our first ``fstat``
+could leave both ``fstat`` results equal. A file written within ``TICK_NS`` of the start of
+its read is therefore read again once that tick has passed.
+
+"Really had" includes states a writer passes through: a file rewritten in place with
+truncate + write can be caught empty or half-written (consistently so). Writers whose readers
+must only ever see complete files write a temporary file and rename it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 
 from .chunking import Chunker
 from .errors import FileChangedError, ManifestError, SnapshotError, UnsafePathError
 from .manifest import Entry, Kind, Manifest
 from .statcache import StatCache
+
+TICK_NS = 20_000_000  # two jiffies at HZ=100
+TICK_COARSE_NS = 2_000_000_000  # filesystems that stamp whole seconds (or two)
+
+
+def _tick(st: os.stat_result) -> int:
+    return TICK_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else TICK_NS
 
 
 def snapshot(
@@ -32,14 +49,16 @@ def snapshot(
     root = os.path.abspath(os.fspath(path))
     try:
         st = os.stat(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # "a/b" where a is a file: b does not exist
         raise FileNotFoundError(2, "No such file or directory (nothing to snapshot)", root) from None
     except OSError as e:
         raise SnapshotError(f"cannot stat {root}: {e.strerror}", root) from e
     walker = _Walker(chunker, stat_cache, retries)
     try:
         if stat.S_ISREG(st.st_mode):
-            entries = [walker.file_entry(root, "")]
+            # file_entry opens with O_NOFOLLOW (against links swapped in during a walk), so a
+            # root that is itself a symlink is resolved here, as documented.
+            entries = [walker.file_entry(os.path.realpath(root), "")]
             root_kind = Kind.FILE
         elif stat.S_ISDIR(st.st_mode):
             entries = []
@@ -69,6 +88,8 @@ class _Walker:
         try:
             with os.scandir(abs_dir) as it:
                 children = list(it)
+        except FileNotFoundError:
+            return  # removed while we walked, like a vanished file
         except OSError as e:
             raise SnapshotError(f"cannot list {abs_dir}: {e.strerror}", abs_dir) from e
         for child in children:
@@ -99,9 +120,12 @@ class _Walker:
 
     def file_entry(self, abs_path: str, rel: str) -> Entry:
         params = self.chunker.params
-        for _ in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
+            started = time.time_ns()
             try:
-                fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                # O_NONBLOCK: if a FIFO was swapped in since the walk, open must not block
+                # (fstat below then refuses it); reads of a regular file ignore the flag.
+                fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 raise
             except OSError as e:  # EACCES, ELOOP (replaced by a symlink since the walk)...
@@ -122,6 +146,13 @@ class _Walker:
             finally:
                 os.close(fd)
             if nread == before.st_size and _same(before, after):
+                # Written within a timestamp tick of our read: a write during the read might
+                # not show in the stat. Read again once that tick is over. (mtime, not ctime:
+                # every write moves mtime; a recent ctime alone is a rename or chmod.)
+                mtime = after.st_mtime_ns
+                if mtime >= started - _tick(after) and attempt < self.retries:
+                    time.sleep(max(0, mtime + _tick(after) - time.time_ns()) / 1e9)
+                    continue
                 if self.cache is not None:
                     self.cache.put(params, abs_path, after, chunks)
                 return Entry(rel, Kind.FILE, executable, nread, chunks)

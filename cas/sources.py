@@ -33,7 +33,8 @@ class SeedSource:
         self.stale: set[ChunkId] = set()
         self._where: dict[ChunkId, tuple[str, int, int]] = {}
         for e in manifest.files():
-            path = os.path.join(self.root, e.path) if e.path else self.root
+            # A file root that is a symlink is resolved, as snapshot() does: reads use O_NOFOLLOW.
+            path = os.path.join(self.root, e.path) if e.path else os.path.realpath(self.root)
             for cid, off, n in iter_chunk_spans(e.chunks):
                 self._where.setdefault(cid, (path, off, n))
 

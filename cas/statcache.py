@@ -74,10 +74,16 @@ class StatCache:
             return None
         return value[_SIG.size :]
 
-    def put(self, params: ChunkerParams, path: str, st: os.stat_result, chunks: bytes) -> None:
-        """Remember ``chunks`` for ``path`` as it was at ``st`` (unless the file is racy)."""
+    def put(self, params: ChunkerParams, path: str, st: os.stat_result, chunks: bytes, *, renamed: bool = False) -> None:
+        """Remember ``chunks`` for ``path`` as it was at ``st`` (unless the file is racy).
+
+        ``renamed``: the caller made the file's bytes durable at that mtime, and only then
+        renamed it into place (which moves ctime, not mtime): raciness is judged by mtime
+        alone, since any later write moves mtime away from the recorded one.
+        """
         window = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
-        if max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - window:
+        newest = st.st_mtime_ns if renamed else max(st.st_mtime_ns, st.st_ctime_ns)
+        if newest >= time.time_ns() - window:
             return
         with self._lock:
             self._pending[self._key(params, path)] = _sig(st) + chunks

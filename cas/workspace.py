@@ -8,12 +8,13 @@ the current files as a seed (chunks already on disk are never fetched), and repo
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from .chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
 from .errors import MaterializeError
-from .manifest import Manifest
+from .manifest import Kind, Manifest
 from .materialize import MaterializeResult, locked, materialize, recover
 from .plan import plan_fetch
 from .snapshot import snapshot
@@ -69,9 +70,26 @@ class Workspace:
                 raise FileExistsError(17, "exists locally and overwrite is False", os.fspath(dest))
             local = self.local_manifest(dest)
             seeds: list[ChunkSource] = [SeedSource(local, dest)] if local is not None else []
-            return materialize(
+            result = materialize(
                 target, dest, state_dir=self.state_dir, local=local, sources=[*seeds, *sources], remote=remote
             )
+            self._remember(target, os.fspath(dest), result.written)
+            return result
+
+    def _remember(self, target: Manifest, dest: str, written: dict[str, tuple[int, int]]) -> None:
+        """Enter the files a sync just wrote into the stat cache, so the next snapshot of
+        ``dest`` does not read them back. A file is entered only if it still shows the stat
+        it had when it was made durable (the stat cache's racy rule applies on top)."""
+        root = os.path.realpath(dest) if target.root_kind == Kind.FILE else os.path.abspath(dest)
+        for rel, (size, mtime_ns) in written.items():
+            path = os.path.join(root, rel) if rel else root
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                self.stat_cache.put(self.chunker.params, path, st, target.by_path[rel].chunks, renamed=True)
+        self.stat_cache.flush()
 
     def missing(self, target: Manifest, dest: str | os.PathLike[str]) -> set[bytes]:
         """The chunks of ``target`` that a sync into ``dest`` would have to fetch."""

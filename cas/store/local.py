@@ -106,7 +106,10 @@ class LocalChunkStore(ChunkStore):
         magic, rcodec, _, rstored, rraw, rid = RECORD.unpack_from(blob)
         if (magic, rcodec, rstored, rraw, rid) != (RECORD_MAGIC, codec, stored, raw, cid):
             raise ChunkCorruptError(f"chunk {cid.hex()}: record header at {where} does not match the index", cid.hex())
-        data = decompress(codec, memoryview(blob)[RECORD.size :], raw, cid.hex())
+        try:
+            data = decompress(codec, memoryview(blob)[RECORD.size :], raw, cid.hex())
+        except ChunkCorruptError as e:  # say where the bad bytes are, as every other error here does
+            raise ChunkCorruptError(f"{e} (record at {where})", cid.hex()) from None
         verify(cid, data, where)
         return data
 
@@ -180,6 +183,10 @@ class LocalChunkStore(ChunkStore):
     def _writable(self) -> tuple[int, int]:
         if self._writer is not None and self._writer_size < self.pack_limit:
             return self._writer
+        if self._writer is not None:
+            # A full pack may hold records of the batch being written: make them durable
+            # before put_many commits index entries that point at them.
+            os.fdatasync(self._writer[1])
         self._drop_writer()
         pack_id = secrets.randbits(64)
         fd = os.open(self._pack_path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -194,7 +201,9 @@ class LocalChunkStore(ChunkStore):
         if not out:
             return
         assert self._writer is not None
-        views = [memoryview(b) for b in out]
+        # Empty payloads (the empty chunk) are left out: writev of only empty buffers
+        # returns 0, and the loop below would never end.
+        views = [memoryview(b) for b in out if len(b)]
         while views:  # writev may write less than asked (a signal, a nearly full disk)
             n = os.writev(self._writer[1], views)
             while n:
