@@ -151,7 +151,7 @@ class _Walker:
                 # every write moves mtime; a recent ctime alone is a rename or chmod.)
                 mtime = after.st_mtime_ns
                 if mtime >= started - _tick(after) and attempt < self.retries:
-                    time.sleep(max(0, mtime + _tick(after) - time.time_ns()) / 1e9)
+                    time.sleep(min(_tick(after), max(0, mtime + _tick(after) - time.time_ns())) / 1e9)
                     continue
                 if self.cache is not None:
                     self.cache.put(params, abs_path, after, chunks)

@@ -508,6 +508,8 @@ def test_stat_cache_skips_unchanged_files_and_rereads_changed_ones(tmp_path: Pat
         # Rewritten again, mtime now: racy, so it is read (twice: once more after the
         # timestamp tick, see cas.snapshot), not cached, and read again next time.
         target.write_bytes(data_of(5000, 98))
+        soon = time.time_ns() + 60 * 10**9  # an mtime that stays "now" for the whole test
+        os.utime(target, ns=(soon, soon))
         before = c2.reads
         assert snapshot(root, c2, cache).by_path["b.bin"].chunks == c2.chunk_bytes(data_of(5000, 98))
         assert c2.reads > before
@@ -516,6 +518,7 @@ def test_stat_cache_skips_unchanged_files_and_rereads_changed_ones(tmp_path: Pat
         assert c2.reads > before
 
     # Other chunking parameters do not use these entries.
+    os.utime(root / "b.bin", ns=(past, past))  # no longer racy: each file is read exactly once
     other = ChunkerParams(min_size=512, avg_size=1 * KiB, max_size=4 * KiB)
     with StatCache(cache_dir) as cache, CountingChunker(other) as c3:
         snapshot(root, c3, cache)
@@ -525,6 +528,8 @@ def test_stat_cache_skips_unchanged_files_and_rereads_changed_ones(tmp_path: Pat
 def test_stat_cache_does_not_cache_racy_files(tmp_path: Path) -> None:
     root = tmp_path / "t"
     make_tree(root, {"new.bin": data_of(3000, 1)})
+    soon = time.time_ns() + 60 * 10**9  # racy for the whole test, however slow the machine
+    os.utime(root / "new.bin", ns=(soon, soon))
     with StatCache(tmp_path / "cache") as cache, CountingChunker(SMALL) as c:
         first = snapshot(root, c, cache)
         after_first = c.reads
