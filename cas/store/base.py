@@ -37,8 +37,9 @@ class ChunkStore(ABC):
     """A place where chunks rest, named by their id.
 
     Guarantees every implementation keeps (and the conformance suite checks):
-    - ``put_many`` verifies each chunk against its id; on error nothing of the batch is
-      added. After it returns, the chunks survive a crash of the process (durable).
+    - ``put_many`` verifies each chunk it adds against its id (an id already present is
+      skipped unread); on error nothing of the batch is added. After it returns, the chunks
+      survive a crash of the process (durable).
     - ``get_many`` returns exactly the bytes that were put, verified again on the way out.
     - Puts are idempotent; a store opened after a writer was killed at any instant is
       consistent: every id it lists can be read back and verifies.

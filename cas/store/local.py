@@ -60,7 +60,6 @@ class LocalChunkStore(ChunkStore):
         except OSError as e:
             raise StoreError(f"cannot open chunk store at {self.root}: {e}", self.location) from e
         self._lock = threading.Lock()
-        self._readers: dict[int, int] = {}
         self._writer: tuple[int, int] | None = None  # (pack id, fd)
         self._writer_size = 0
         self._closed = False
@@ -82,23 +81,35 @@ class LocalChunkStore(ChunkStore):
 
     # -- reads -------------------------------------------------------------------
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        self._ensure_open()
         with self._env.begin(db=self._db) as txn:
             return {cid for cid in ids if txn.get(cid) is not None}
 
     def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        self._ensure_open()
         ids = list(ids)
         with self._env.begin(db=self._db) as txn:
             locs = [(cid, txn.get(cid)) for cid in ids]
-        for cid, loc in locs:
-            if loc is None:
-                raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
-            yield cid, self._read(cid, loc)
+        # Pack files stay open for one call only: a long-lived store with thousands of packs
+        # must not hold thousands of descriptors, and no other thread can close ours.
+        fds: dict[int, int] = {}
+        try:
+            for cid, loc in locs:
+                if loc is None:
+                    raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
+                yield cid, self._read(cid, loc, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
-    def _read(self, cid: ChunkId, loc: bytes) -> Payload:
+    def _read(self, cid: ChunkId, loc: bytes, fds: dict[int, int]) -> Payload:
         pack_id, offset, stored, raw, codec = INDEX.unpack(loc)
         where = f"{self._pack_path(pack_id)}@{offset}"
         try:
-            blob = os.pread(self._reader(pack_id), RECORD.size + stored, offset)
+            fd = fds.get(pack_id)
+            if fd is None:
+                fd = fds[pack_id] = os.open(self._pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+            blob = os.pread(fd, RECORD.size + stored, offset)
         except OSError as e:
             raise StoreError(f"cannot read chunk {cid.hex()} from {where}: {e}", self.location) from e
         if len(blob) != RECORD.size + stored:
@@ -113,17 +124,8 @@ class LocalChunkStore(ChunkStore):
         verify(cid, data, where)
         return data
 
-    def _reader(self, pack_id: int) -> int:
-        fd = self._readers.get(pack_id)
-        if fd is None:
-            with self._lock:
-                fd = self._readers.get(pack_id)
-                if fd is None:
-                    fd = os.open(self._pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-                    self._readers[pack_id] = fd
-        return fd
-
     def iter_ids(self) -> Iterator[ChunkId]:
+        self._ensure_open()
         with self._env.begin(db=self._db) as txn:
             keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
         return iter(keys)
@@ -139,6 +141,8 @@ class LocalChunkStore(ChunkStore):
                     raise ValueError(f"chunk id must be {ID_SIZE} bytes, got {len(cid)}")
                 if cid not in seen:
                     seen.add(cid)
+                    if isinstance(data, memoryview) and data.itemsize != 1:
+                        data = data.cast("B")  # lengths below count bytes, not items
                     pending.append((cid, data))
             if not pending:
                 return 0
@@ -239,9 +243,6 @@ class LocalChunkStore(ChunkStore):
                 return
             self._closed = True
             self._drop_writer()
-            for fd in self._readers.values():
-                os.close(fd)
-            self._readers.clear()
             self._env.close()
 
 
