@@ -20,7 +20,9 @@ _THREADED_MIN = 8 << 20
 
 
 def chunk_id(data: bytes | bytearray | memoryview) -> ChunkId:
-    """The id of ``data``."""
+    """The id of ``data`` (a buffer of any item size is hashed as its bytes)."""
+    if isinstance(data, memoryview) and data.itemsize != 1:
+        data = data.cast("B")
     if len(data) >= _THREADED_MIN:
         return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
     return blake3.blake3(data).digest()
