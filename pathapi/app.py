@@ -30,7 +30,8 @@ class App:
         self.handles: dict[str, WorkHandle] = {}
 
     def _registry(self) -> dict[str, str | None]:
-        return {name: (None if h.stopped else h.url) for name, h in self.handles.items()}
+        # A work that stopped or died serves nothing: its Paths come from the artifact store.
+        return {name: (None if h.stopped or not h.process.is_alive() else h.url) for name, h in self.handles.items()}
 
     def run(self) -> Any:
         works = list(walk_works(self.flow, "root"))

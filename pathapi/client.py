@@ -69,8 +69,13 @@ class OriginClient:
                 body = await r.read()
                 return r.status, body, dict(r.headers)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
+            what = f"did not answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) else "could not be reached or dropped the connection"
             raise OriginUnreachableError(
-                f"origin {self.name!r} at {self.url} did not answer within {self.timeout:g} s: {type(e).__name__}: {e}",
+                f"origin {self.name!r} at {self.url} {what}: {type(e).__name__}: {e}", self.name
+            ) from None
+        except aiohttp.ClientError as e:  # e.g. ClientPayloadError: the origin died mid-answer
+            raise OriginUnreachableError(
+                f"origin {self.name!r} at {self.url} broke off its answer: {type(e).__name__}: {e}",
                 self.name,
             ) from None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from cas import Manifest
+from cas import Kind, Manifest
 from cas.chunking import iter_chunk_spans
 from cas.compress import maybe_compress
 from cas.errors import FileChangedError, SnapshotError, UnsafePathError
@@ -137,15 +137,23 @@ class OriginService:
                             headers={HEADER_MANIFEST_ID: m.id.hex()})
 
     def _remember(self, m: Manifest, full: str) -> None:
-        if m.id in self._served:
+        # A root that is a symlink to a file was resolved by the snapshot; chunks are read with
+        # O_NOFOLLOW, so they are read from the file it resolved to.
+        base = full if m.root_kind == Kind.DIR else os.path.realpath(full)
+        # Manifests name content, not places: two paths (or a link before and after it was
+        # retargeted) holding equal trees share an id. Chunks are read from where the tree
+        # was snapshotted last: the other place may have changed or gone since.
+        known = self._served.get(m.id)
+        if known is not None and known.root == base:
             self._served.move_to_end(m.id)
             return
         where: dict[bytes, tuple[str, int, int]] = {}
         for e in m.files():
-            path = os.path.join(full, e.path) if e.path else full
+            path = os.path.join(base, e.path) if e.path else base
             for cid, off, n in iter_chunk_spans(e.chunks):
                 where.setdefault(cid, (path, off, n))
-        self._served[m.id] = _Served(m, full, where)
+        self._served[m.id] = _Served(m, base, where)
+        self._served.move_to_end(m.id)
         while len(self._served) > _KEEP_MANIFESTS:
             self._served.popitem(last=False)
 

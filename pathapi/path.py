@@ -156,7 +156,10 @@ class Path(pathlib.PosixPath):
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((os.fspath(self), self.origin_name))
+        origin = self.origin_name
+        if origin is None:  # equal to the pathlib path (see __eq__), so it must hash alike
+            return super().__hash__()
+        return hash((os.fspath(self), origin))
 
     def __repr__(self) -> str:
         return f"Path({LIT}{os.fspath(self)!s}, origin={self.origin_name!r}, consumer={self._consumer!r})"

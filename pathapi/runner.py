@@ -240,8 +240,10 @@ def _child_main(conn: Any, work: Work, name: str, config: AppConfig) -> None:
         try:
             for key, value in state.items():
                 setattr(work, key, value)
-            for p in iter_paths((args, kwargs)):
-                p._consumer = name
+            # Paths this work holds that another work owns: this work is their consumer.
+            for p in iter_paths((args, kwargs, state)):
+                if p.origin_name != name:
+                    p._consumer = name
             ctx.in_run = True
             for p in iter_paths((args, kwargs)):
                 if p.origin_name is not None and p.origin_name != name:

@@ -35,7 +35,9 @@ PROGRESS_MIN_BYTES = 64 << 20
 @dataclass(frozen=True)
 class TransferRecord:
     """What one ``get`` did. ``bytes_transferred`` counts payload bytes that crossed from the
-    origin or store (compressed size where compressed); ``chunks_reused`` were found locally."""
+    origin or store (compressed size where compressed); ``chunks_reused`` were found locally
+    (already in place, or copied from a local file): ``chunks_transferred + chunks_reused`` is
+    the number of distinct chunks in the tree."""
 
     files: int
     bytes_total: int
@@ -115,7 +117,11 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
     t0 = time.perf_counter()
     last: StaleManifestError | None = None
     for _ in range(STALE_RETRIES):
-        m, source, kind = _locate(ctx, origin, rel)
+        try:
+            m, source, kind = _locate(ctx, origin, rel)
+        except StaleManifestError as e:  # 409: the origin could not snapshot it consistently
+            last = e
+            continue
         if m is None:
             if missing_ok:
                 return None
@@ -129,7 +135,7 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
         wire = source.bytes_received if isinstance(source, OriginSource) else counting.bytes
         return TransferRecord(
             files=r.files, bytes_total=r.bytes_total, chunks_transferred=r.chunks_fetched,
-            bytes_transferred=wire, chunks_reused=r.chunks_reused,
+            bytes_transferred=wire, chunks_reused=len(m.chunk_sizes()) - r.chunks_fetched,
             seconds=time.perf_counter() - t0, source=kind, manifest_id=m.id.hex(),
         )
     raise StaleManifestError(f"{rel!r} kept changing at {origin!r} during {STALE_RETRIES} attempts: {last}", origin)
