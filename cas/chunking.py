@@ -95,7 +95,9 @@ class Chunker:
     """Cuts buffers and files into chunks and names them. Thread-safe.
 
     ``segment_size`` is how much of a file is read per step; ``ring`` how many such buffers
-    exist at once (the bound on memory: ``ring * (segment_size + max_size)``).
+    one pipeline uses (its memory: ``ring * (segment_size + max_size)``). Buffers are kept
+    and reused across calls (allocating and zeroing 50 MiB per file would dominate the cost
+    of a medium-sized file); at most ``2 * ring`` are kept idle.
     """
 
     def __init__(
@@ -110,6 +112,25 @@ class Chunker:
         self.ring = max(2, ring)
         self._local = threading.local()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-hash")
+        self._idle: list[bytearray] = []
+        self._idle_lock = threading.Lock()
+
+    def _take_buffers(self, n: int) -> list[bytearray]:
+        cap = self.segment_size + self.params.max_size
+        with self._idle_lock:
+            got = [self._idle.pop() for _ in range(min(n, len(self._idle)))]
+        return got + [bytearray(cap) for _ in range(n - len(got))]
+
+    def _give_buffers(self, bufs: list[bytearray]) -> None:
+        with self._idle_lock:
+            self._idle.extend(bufs[: max(0, 2 * self.ring - len(self._idle))])
+
+    def _scratch(self, size: int) -> bytearray:
+        """A per-thread buffer of at least ``size`` bytes, reused across calls."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.scratch = bytearray(max(size, 1 << 20))
+        return buf
 
     def _cdc(self) -> FastCDC:
         # FastCDC objects are "not concurrent-proof": one per thread.
@@ -161,15 +182,16 @@ class Chunker:
         Small inputs (known to fit one segment) are cut and hashed on this thread; larger
         ones go through the two-thread pipeline.
         """
-        if 0 <= size_hint <= self.params.min_size:
-            buf = bytearray(size_hint + 1)  # one spare byte shows whether the stream grew
-            n = _fill(readinto, memoryview(buf))
+        if 0 <= size_hint <= self.segment_size:
+            # One read into a reused buffer, cut and hashed on this thread: a pipeline's
+            # hand-offs cost more than they save below a segment.
+            mv = memoryview(self._scratch(size_hint + 1))[: size_hint + 1]  # a spare byte shows growth
+            n = _fill(readinto, mv)
             if n <= size_hint:
-                del buf[n:]
-                return self.chunk_bytes(buf), n
-            # It grew under us: fall through and read it as a big one; we lost nothing
-            # because the caller compares size before/after and retries anyway.
-            return self._pipeline(readinto, prefix=bytes(buf))
+                return self.chunk_bytes(mv[:n]), n
+            # It grew under us: read it as a big one; the caller compares size before/after
+            # and retries anyway.
+            return self._pipeline(readinto, prefix=bytes(mv[:n]))
         return self._pipeline(readinto)
 
     def chunk_file(self, fd: int, size_hint: int = -1) -> tuple[bytes, int]:
@@ -181,8 +203,9 @@ class Chunker:
         max_size = self.params.max_size
         cap = self.segment_size + max_size
         free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(self.ring):
-            free.put(bytearray(cap))
+        ring = self._take_buffers(self.ring)
+        for b in ring:
+            free.put(b)
         futures: list[Future[bytes]] = []
 
         def hash_spans(buf: bytearray, spans: list[tuple[int, int]]) -> bytes:
@@ -223,11 +246,16 @@ class Chunker:
                 if nxt is None:
                     break
                 buf, filled = nxt, tail
-            return b"".join(f.result() for f in futures), total
+            result = b"".join(f.result() for f in futures)
         except BaseException:
             for f in futures:
                 f.cancel()
+            for f in futures:  # the hasher may still hold a buffer: let it finish
+                if not f.cancelled():
+                    f.exception()
             raise
+        self._give_buffers(ring)  # every hash job is done: no one holds a buffer now
+        return result, total
 
 
 def _fill(readinto: Readinto, mv: memoryview) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .chunking import iter_chunk_spans
 from .errors import ChunkError, ChunkNotFoundError, MaterializeError, UnsupportedVersionError
-from .fsutil import fsync_dir, preallocate, pwrite_all, remove_any, reserve, sync_files
+from .fsutil import fsync_dir, preallocate, pwrite_all, remove_any, reserve, start_writeback, sync_files
 from .hashing import ChunkId
 from .manifest import Kind, Manifest
 from .plan import Action, plan_update
@@ -43,6 +43,9 @@ from .store.base import ChunkSource
 JOURNAL_FORMAT = "cas-journal"
 JOURNAL_VERSION = 1
 FILE_MODE = 0o644
+#: Staged bytes after which their writeback to disk is started (so the fsync at the end of
+#: phase 1 does not begin from a whole file of dirty pages).
+WRITEBACK_EVERY = 32 << 20
 EXEC_MODE = 0o755
 
 _thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -107,11 +110,14 @@ def materialize(
     local: Manifest | None,
     sources: Sequence[ChunkSource] = (),
     remote: ChunkSource | None = None,
+    foreign: Sequence[str] = (),
 ) -> MaterializeResult:
     """Make ``dest`` equal to ``target``; files and folders not in ``target`` are removed.
 
     ``local`` is the manifest of what is at ``dest`` now (None if nothing is, or if it is a
-    symlink), ``sources`` are local chunk sources (a seed of ``dest``, a store) asked first,
+    symlink), ``foreign`` the paths under ``dest`` that ``local`` could not describe (links
+    leaving the tree, FIFOs, unportable names: removed unless the target replaces them),
+    ``sources`` are local chunk sources (a seed of ``dest``, a store) asked first,
     ``remote`` supplies the rest. Every source verifies what it yields. ``state_dir`` must
     be on the same filesystem as ``dest``; call with :func:`locked` held and after
     :func:`recover`.
@@ -125,7 +131,8 @@ def materialize(
     os.makedirs(os.path.join(txn, "stage"))
     try:
         prep = _prepare(plan.steps, target, dest, txn, sources, remote)
-        ops: list[list[object]] = [["rm", p] for p in plan.removals] + prep.ops
+        extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
+        ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
         _commit(txn, dest, ops)
     except BaseException:
         shutil.rmtree(txn, ignore_errors=True)
@@ -215,10 +222,16 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
         if data_fd >= 0:
             preallocate(data_fd, data_len)
 
+        dirty: dict[int, int] = defaultdict(int)
+
         def put(cid: ChunkId, data: bytes | bytearray | memoryview) -> None:
             for fd, off in targets[cid]:
                 pwrite_all(fd, data, off)
                 out.bytes_written += len(data)
+                dirty[fd] += len(data)
+                if dirty[fd] >= WRITEBACK_EVERY:
+                    start_writeback(fd)
+                    dirty[fd] = 0
 
         remaining = set(targets)
         for src in sources:

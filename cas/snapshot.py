@@ -23,7 +23,7 @@ import time
 
 from .chunking import Chunker
 from .errors import FileChangedError, ManifestError, SnapshotError, UnsafePathError
-from .manifest import Entry, Kind, Manifest
+from .manifest import Entry, Kind, Manifest, check_relpath, resolve_link
 from .statcache import StatCache
 
 TICK_NS = 20_000_000  # two jiffies at HZ=100
@@ -40,11 +40,17 @@ def snapshot(
     stat_cache: StatCache | None = None,
     *,
     retries: int = 3,
+    foreign: list[str] | None = None,
 ) -> Manifest:
     """The manifest of the file or folder at ``path`` (a symlink at ``path`` itself is followed).
 
     Raises ``FileNotFoundError`` if it does not exist, :class:`UnsafePathError` for a symlink
     that leaves the tree, :class:`SnapshotError` for unreadable or unsupported entries.
+
+    With a ``foreign`` list, entries a manifest cannot hold (links leaving the tree, names
+    that are not UTF-8 or not portable, FIFOs, sockets, devices, unreadable files) are not
+    errors: their relative paths are appended to ``foreign`` and the manifest describes the
+    rest. That is how a receiver describes its own tree before overwriting it.
     """
     root = os.path.abspath(os.fspath(path))
     try:
@@ -53,7 +59,7 @@ def snapshot(
         raise FileNotFoundError(2, "No such file or directory (nothing to snapshot)", root) from None
     except OSError as e:
         raise SnapshotError(f"cannot stat {root}: {e.strerror}", root) from e
-    walker = _Walker(chunker, stat_cache, retries)
+    walker = _Walker(chunker, stat_cache, retries, foreign)
     try:
         if stat.S_ISREG(st.st_mode):
             # file_entry opens with O_NOFOLLOW (against links swapped in during a walk), so a
@@ -64,6 +70,8 @@ def snapshot(
             entries = []
             walker.walk_dir(root, "", entries)
             root_kind = Kind.DIR
+            if foreign is not None:
+                entries = _drop_unrepresentable(entries, foreign)
         else:
             raise SnapshotError(f"{root} is neither a regular file nor a directory", root)
         try:
@@ -78,11 +86,45 @@ def snapshot(
             stat_cache.flush()
 
 
+def _drop_unrepresentable(entries: list[Entry], foreign: list[str]) -> list[Entry]:
+    """Move entries with unportable paths, and symlinks that resolve outside the tree, to
+    ``foreign`` (children of a dropped directory go with it, unnamed)."""
+    kept: list[Entry] = []
+    dropped: set[str] = set()
+    for e in sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape")):
+        parent = e.path.rpartition("/")[0]
+        if parent and parent in dropped:
+            dropped.add(e.path)
+            continue
+        try:
+            e.path.encode("utf-8")
+            check_relpath(e.path)
+        except (UnicodeEncodeError, UnsafePathError):
+            dropped.add(e.path)
+            foreign.append(e.path)
+            continue
+        kept.append(e)
+    while True:  # removing one link can change where others resolve: repeat until stable
+        by_path = {e.path: e for e in kept}
+        bad = set()
+        for e in kept:
+            if e.kind == Kind.SYMLINK:
+                try:
+                    resolve_link(by_path, e.path, e.target)
+                except UnsafePathError:
+                    bad.add(e.path)
+        if not bad:
+            return kept
+        foreign.extend(sorted(bad))
+        kept = [e for e in kept if e.path not in bad]
+
+
 class _Walker:
-    def __init__(self, chunker: Chunker, cache: StatCache | None, retries: int) -> None:
+    def __init__(self, chunker: Chunker, cache: StatCache | None, retries: int, foreign: list[str] | None = None) -> None:
         self.chunker = chunker
         self.cache = cache
         self.retries = retries
+        self.foreign = foreign
 
     def walk_dir(self, abs_dir: str, rel_dir: str, out: list[Entry]) -> None:
         try:
@@ -105,16 +147,28 @@ class _Walker:
                 out.append(Entry(rel, Kind.DIR))
                 self.walk_dir(child.path, rel, out)
             elif stat.S_ISREG(mode):
+                # The walk's lstat is the same signature fstat would give: a cache hit needs
+                # no open at all (what makes re-snapshotting 100k small files cheap).
+                cached = self.cache.get(self.chunker.params, child.path, st) if self.cache else None
+                if cached is not None:
+                    out.append(Entry(rel, Kind.FILE, bool(mode & stat.S_IXUSR), st.st_size, cached))
+                    continue
                 try:
                     out.append(self.file_entry(child.path, rel))
                 except FileNotFoundError:
                     continue
+                except SnapshotError:  # unreadable, or kept changing: replaced or removed whole
+                    if self.foreign is None:
+                        raise
+                    self.foreign.append(rel)
             elif stat.S_ISLNK(mode):
                 try:
                     target = os.readlink(child.path)
                 except FileNotFoundError:
                     continue
                 out.append(Entry(rel, Kind.SYMLINK, target=target))
+            elif self.foreign is not None:
+                self.foreign.append(rel)
             else:
                 raise SnapshotError(f"{child.path}: unsupported file type (not a file, directory or symlink)", child.path)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
-from .errors import MaterializeError
+from .errors import MaterializeError, SnapshotError
 from .manifest import Kind, Manifest
 from .materialize import MaterializeResult, locked, materialize, recover
 from .plan import plan_fetch
@@ -42,9 +42,20 @@ class Workspace:
 
     def local_manifest(self, path: str | os.PathLike[str]) -> Manifest | None:
         """What is at ``path`` now, or None if nothing (or only a symlink) is there."""
+        return self._local(path)[0]
+
+    def _local(self, path: str | os.PathLike[str]) -> tuple[Manifest | None, list[str]]:
+        """The receiver's view of ``path``: its manifest, and the entries a manifest cannot
+        hold (escaping links, FIFOs, unportable names...), which a sync replaces or removes."""
         if not os.path.lexists(path) or os.path.islink(path):
-            return None
-        return self.snapshot(path)
+            return None, []
+        foreign: list[str] = []
+        try:
+            return snapshot(path, self.chunker, self.stat_cache, foreign=foreign), foreign
+        except SnapshotError:
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise  # a folder we cannot even list: refuse rather than guess
+            return None, []  # a FIFO, socket or device at the root: replaced whole
 
     def sync(
         self,
@@ -68,10 +79,11 @@ class Workspace:
             recover(self.state_dir)
             if not overwrite and os.path.lexists(dest):
                 raise FileExistsError(17, "exists locally and overwrite is False", os.fspath(dest))
-            local = self.local_manifest(dest)
+            local, foreign = self._local(dest)
             seeds: list[ChunkSource] = [SeedSource(local, dest)] if local is not None else []
             result = materialize(
-                target, dest, state_dir=self.state_dir, local=local, sources=[*seeds, *sources], remote=remote
+                target, dest, state_dir=self.state_dir, local=local, sources=[*seeds, *sources], remote=remote,
+                foreign=foreign,
             )
             self._remember(target, os.fspath(dest), result.written)
             return result

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cas.chunking import ChunkerParams
-from cas.errors import ChunkCorruptError, ChunkNotFoundError, MaterializeError, SnapshotError, UnsafePathError
+from cas.errors import ChunkCorruptError, ChunkNotFoundError, MaterializeError, UnsafePathError
 from cas.hashing import ChunkId, verify
 from cas.manifest import Entry, Kind, Manifest
 from cas.plan import plan_update
@@ -498,13 +498,6 @@ def _make_unsupported(dest: str, outside: str, what: str) -> None:
         os.mkfifo(os.path.join(dest, "stray-fifo"))
 
 
-@pytest.mark.xfail(
-    raises=(UnsafePathError, SnapshotError),
-    strict=True,
-    reason="the receiver's own tree is snapshotted into a validated Manifest, which cannot hold a link "
-    "leaving the root, a name that is not UTF-8 or a special file, so sync refuses instead of replacing "
-    "or removing the entry (reported)",
-)
 @pytest.mark.parametrize("what", ["link-leaving-the-root", "non-utf8-name", "fifo"])
 def test_sync_with_overwrite_replaces_local_entries_that_no_manifest_can_describe(sc, chunker, what):
     outside = os.path.join(sc.base, "outside")

@@ -1,0 +1,112 @@
+"""First get, re-get and scattered edits of one large file between two works, next to cp+fsync.
+
+    python -m bench.transfer [--size-gib 1] [--dir DIR]
+
+Measured through the public API (an App with an origin and a consumer work); the consumer
+reports ``last_transfer`` of each get. ``cp`` + ``sync FILE`` of the same file in the same
+run is the floor for a first copy. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path as FsPath
+
+from pathapi import App, Flow, Path, Work
+
+GiB = 1 << 30
+
+
+class Origin(Work):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = "lit://data"
+
+    def run(self, edits: int = 0, seed: int = 0) -> None:
+        """Overwrite ``edits`` regions spread over the file, 1 % of it in all."""
+        f = os.path.join(self.data, "weights.bin")
+        size = os.path.getsize(f)
+        rng = random.Random(seed)
+        region = size // 100 // max(1, edits)
+        with open(f, "r+b") as fh:
+            for i in range(edits):
+                fh.seek(i * (size // edits) + rng.randrange(size // edits - region))
+                fh.write(rng.randbytes(region))
+
+
+class Consumer(Work):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict[str, object]] = []
+
+    def run(self, data: Path) -> None:
+        # The Path arrives already fetched (Paths among run's arguments are got before run starts).
+        self.records.append(dict(vars(data.last_transfer)))
+
+
+class Bench(Flow):
+    def __init__(self) -> None:
+        super().__init__()
+        self.origin = Origin()
+        self.consumer = Consumer()
+
+    def run(self) -> None:
+        self.consumer.run(self.origin.data)  # first get
+        self.consumer.run(self.origin.data)  # unchanged re-get
+        self.origin.run(edits=100)
+        self.consumer.run(self.origin.data)  # 1 % scattered edits
+
+
+def cp_fsync(src: str, dst: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["cp", "--reflink=never", src, dst], check=True)
+    subprocess.run(["sync", dst], check=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    base = FsPath(tempfile.mkdtemp(prefix="bench-transfer-", dir=args.dir))
+    data = base / "app" / "works" / "root.origin" / "data"
+    data.mkdir(parents=True)
+    src = data / "weights.bin"
+    size = int(args.size_gib * GiB)
+    with open(src, "wb") as f:
+        block = os.urandom(64 << 20)
+        for i in range(0, size, len(block)):
+            f.write(block[: min(len(block), size - i)])
+            block = block[7:] + block[:7]
+    os.sync()
+    old = time.time() - 60
+    os.utime(src, (old, old))
+    t_cp = cp_fsync(str(src), str(base / "copy.bin"))
+    (base / "copy.bin").unlink()
+    flow = Bench()
+    App(flow, root=base / "app").run()
+    first, reget, edits = flow.consumer.records
+    out = {
+        "size_bytes": size,
+        "cp_fsync_s": t_cp,
+        "first_get_s": first["seconds"],
+        "first_get_vs_cp": first["seconds"] / t_cp,
+        "reget_s": reget["seconds"],
+        "reget_bytes": reget["bytes_transferred"],
+        "reget_vs_first": reget["seconds"] / first["seconds"],
+        "edits_s": edits["seconds"],
+        "edits_bytes_pct": 100 * edits["bytes_transferred"] / size,
+        "records": flow.consumer.records,
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
