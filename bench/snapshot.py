@@ -28,14 +28,9 @@ GiB = 1 << 30
 
 
 def _make_file(path: Path, size: int) -> None:
-    block = os.urandom(64 << 20)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            block = block[1:] + block[:1]  # keep blocks distinct so chunks do not repeat
-            left -= n
+    with open(path, "wb") as f:  # random bytes throughout: no chunk repeats
+        for i in range(0, size, 64 << 20):
+            f.write(os.urandom(min(64 << 20, size - i)))
     old = time.time() - 3600
     os.utime(path, (old, old))  # not "racy": the stat cache may remember it
 

@@ -104,7 +104,7 @@ class Chunker:
         self,
         params: ChunkerParams = DEFAULT_PARAMS,
         *,
-        segment_size: int = 16 * MiB,
+        segment_size: int = 8 * MiB,
         ring: int = 3,
     ) -> None:
         self.params = params

@@ -46,6 +46,7 @@ FILE_MODE = 0o644
 #: Staged bytes after which their writeback to disk is started (so the fsync at the end of
 #: phase 1 does not begin from a whole file of dirty pages).
 WRITEBACK_EVERY = 32 << 20
+BACKDATE_NS = 1_000_000_000
 EXEC_MODE = 0o755
 
 _thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -266,6 +267,8 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
                     f"for {dest}, e.g. {missing.hex()}",
                     missing.hex(),
                 )
+        for fd, _ in staged:
+            _backdate(fd)
         sync_files(fds)
         for fd, rel in staged:
             st = os.fstat(fd)
@@ -274,6 +277,17 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _backdate(fd: int) -> None:
+    """Set a finished file's mtime one second into the past.
+
+    Its bytes are final, and no later write can carry that mtime again (a write stamps
+    "now"), so a stat cache may trust the file at once instead of treating it as racy
+    (written in the current timestamp tick) and reading it all back on the next snapshot.
+    """
+    now = time.time_ns()
+    os.utime(fd, ns=(now, now - BACKDATE_NS))
 
 
 def _reserve_growth(path: str, new_size: int) -> None:
@@ -401,6 +415,7 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
                         pwrite_all(fd, os.pread(data_fd, n, slot), off)
                     os.ftruncate(fd, int(size))  # type: ignore[arg-type]
                     os.fchmod(fd, EXEC_MODE if executable else FILE_MODE)
+                    _backdate(fd)
                     os.fsync(fd)
                     st = os.fstat(fd)
                     patched[str(rel)] = (st.st_size, st.st_mtime_ns)

@@ -399,7 +399,9 @@ def test_file_changing_once_during_the_read_is_read_again(tmp_path: Path) -> Non
     path.write_bytes(b"base")
     with AppendingChunker(path, times=1) as c:
         m = snapshot(path, c)
-        assert c.reads == 2
+        # Read again after the change; once more if that read began within a timestamp tick
+        # of the write (see cas.snapshot): 2 or 3 reads, depending on the machine's speed.
+        assert c.reads in (2, 3)
         assert m.entries[0].chunks == c.chunk_bytes(b"basemore")
 
 
