@@ -17,7 +17,6 @@ writes, and writers never share a pack.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import secrets
@@ -30,6 +29,7 @@ import lmdb
 
 from ..compress import decompress, maybe_compress
 from ..errors import ChunkCorruptError, ChunkNotFoundError, StoreError, UnsupportedVersionError
+from ..fsutil import fsync_dir
 from ..hashing import ID_SIZE, ChunkId, verify
 from .base import ChunkStore, Payload
 
@@ -196,7 +196,7 @@ class LocalChunkStore(ChunkStore):
         fd = os.open(self._pack_path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
         # An exclusive lock marks the pack as being written (compaction skips locked packs).
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _fsync_dir(self._packs)
+        fsync_dir(self._packs)
         self._writer = (pack_id, fd)
         self._writer_size = 0
         return self._writer
@@ -245,13 +245,3 @@ class LocalChunkStore(ChunkStore):
             self._drop_writer()
             self._env.close()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on directories
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
