@@ -24,13 +24,13 @@ from .manifest import Entry, Kind, Manifest
 from .materialize import MaterializeResult, materialize, recover
 from .plan import FetchPlan, UpdatePlan, plan_fetch, plan_update
 from .snapshot import snapshot
-from .sources import ChainSource, SeedSource
+from .sources import SeedSource
 from .statcache import StatCache
 from .store import ChunkSource, ChunkStore, LocalChunkStore, MemoryChunkStore
 from .workspace import Workspace
 
 __all__ = [
-    "DEFAULT_PARAMS", "CasError", "ChainSource", "ChunkCorruptError", "ChunkError", "ChunkId",
+    "DEFAULT_PARAMS", "CasError", "ChunkCorruptError", "ChunkError", "ChunkId",
     "ChunkNotFoundError", "ChunkSource", "ChunkStore", "Chunker", "ChunkerParams", "Entry",
     "FetchPlan", "FileChangedError", "Kind", "LocalChunkStore", "Manifest", "ManifestError",
     "MaterializeError", "MaterializeResult", "MemoryChunkStore", "SeedSource", "SnapshotError",

@@ -1,4 +1,4 @@
-"""Chunk sources other than stores: the files of a tree ("seeds"), and a first-that-has-it chain.
+"""Chunk sources other than stores: the files of a tree ("seeds").
 
 A seed is a tree already on disk together with its manifest: any chunk inside its files can
 be read from there instead of being fetched (desync's idea). Chunks held inside materialized
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from .chunking import iter_chunk_spans
 from .errors import ChunkNotFoundError
 from .hashing import ChunkId, chunk_id
 from .manifest import Manifest
-from .store.base import ChunkSource, Payload
+from .store.base import Payload
 
 
 class SeedSource:
@@ -66,40 +66,4 @@ class SeedSource:
                         self.stale.add(cid)
             finally:
                 os.close(fd)
-
-
-class ChainSource:
-    """Several sources asked in order; each id is read from the first that has it."""
-
-    def __init__(self, sources: Sequence[ChunkSource]) -> None:
-        self.sources = list(sources)
-        self.location = " -> ".join(getattr(s, "location", type(s).__name__) for s in self.sources)
-
-    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
-        want = set(ids)
-        found: set[ChunkId] = set()
-        for s in self.sources:
-            if not want:
-                break
-            got = s.has_many(want)
-            found |= got
-            want -= got
-        return found
-
-    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
-        want = list(dict.fromkeys(ids))
-        for s in self.sources:
-            if not want:
-                return
-            here = s.has_many(want)
-            if here:
-                delivered: set[ChunkId] = set()
-                for cid, data in s.get_many([c for c in want if c in here]):
-                    delivered.add(cid)
-                    yield cid, data
-                want = [c for c in want if c not in delivered]
-        if want:
-            raise ChunkNotFoundError(
-                f"{len(want)} chunk(s) are in none of {self.location}, e.g. {want[0].hex()}", want[0].hex()
-            )
 

@@ -16,7 +16,7 @@ from .chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
 from .errors import MaterializeError, SnapshotError
 from .manifest import Kind, Manifest
 from .materialize import MaterializeResult, locked, materialize, recover
-from .plan import plan_fetch
+from .plan import FetchPlan, plan_fetch
 from .snapshot import snapshot
 from .sources import SeedSource
 from .statcache import StatCache
@@ -103,11 +103,11 @@ class Workspace:
                 self.stat_cache.put(self.chunker.params, path, st, target.by_path[rel].chunks, renamed=True)
         self.stat_cache.flush()
 
-    def missing(self, target: Manifest, dest: str | os.PathLike[str]) -> set[bytes]:
-        """The chunks of ``target`` that a sync into ``dest`` would have to fetch."""
+    def fetch_plan(self, target: Manifest, dest: str | os.PathLike[str]) -> FetchPlan:
+        """What a sync of ``target`` into ``dest`` would fetch now (chunks in none of its files)."""
         local = self.local_manifest(dest)
         held = SeedSource(local, dest) if local is not None else set()
-        return set(plan_fetch(target, held).missing)
+        return plan_fetch(target, held)
 
     def recover(self) -> bool:
         """Finish or discard an interrupted sync; True if one was finished."""

@@ -10,9 +10,10 @@ bounded number of times.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,16 +53,21 @@ class TransferRecord:
 class _Counting:
     """Wraps a chunk source to count (and optionally show) what it delivers."""
 
-    def __init__(self, inner: ChunkSource, total: int, label: str) -> None:
+    def __init__(self, inner: ChunkSource, label: str, total: Callable[[], int] | None = None) -> None:
         self.inner = inner
         self.location = getattr(inner, "location", label)
         self.chunks = 0
         self.bytes = 0
         self._bar = None
-        if total >= PROGRESS_MIN_BYTES and sys.stderr.isatty():
-            from tqdm import tqdm
+        if total is not None and sys.stderr.isatty():  # what is to move costs a stat walk: only for a terminal
+            size = total()
+            if size >= PROGRESS_MIN_BYTES:
+                from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, file=sys.stderr)
+                # A terminal that reports no size (a bare pty) would make tqdm draw nothing.
+                cols, rows = shutil.get_terminal_size()
+                self._bar = tqdm(total=size, unit="B", unit_scale=True, desc=label, leave=False,
+                                 file=sys.stderr, ncols=cols, nrows=rows)
 
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
         return self.inner.has_many(ids)
@@ -126,7 +132,8 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
             if missing_ok:
                 return None
             raise FileNotFoundError(2, f"{rel!r} does not exist at its origin {origin!r}", rel)
-        counting = _Counting(source, m.total_size, f"get {rel}")
+        target = m
+        counting = _Counting(source, f"get {rel}", lambda: ctx.workspace.fetch_plan(target, dest).missing_bytes)
         try:
             r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite)
         except StaleManifestError as e:
