@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,7 @@ class OriginService:
         self._runner: web.AppRunner | None = None
         #: Chunk reads from disk, for tests and benchmarks ("each chunk read once").
         self.chunks_read = 0
+        self._count_lock = threading.Lock()
 
     async def start(self, port: int = 0) -> str:
         app = web.Application(middlewares=[self._auth], client_max_size=1 << 20)
@@ -188,7 +190,8 @@ class OriginService:
                     data = os.pread(fd, n, off)
                 except OSError:
                     data = b""
-                self.chunks_read += 1
+                with self._count_lock:
+                    self.chunks_read += 1
                 if len(data) != n or chunk_id(data) != cid:
                     out.append(FRAME.pack(STATUS_STALE, 0, cid, 0, 0))
                     continue

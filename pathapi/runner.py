@@ -189,6 +189,13 @@ class _Persister:
             self._q.put(rels)
 
     def _loop(self) -> None:
+        # Persisting is background work: on a shared machine it yields the CPU to the work's
+        # run and to transfers (Linux applies a thread id's niceness to that thread alone;
+        # I/O schedulers that honour priorities derive the I/O class from it).
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             rels = self._q.get()
             try:
