@@ -131,7 +131,7 @@ def materialize(
     txn = os.path.join(state, "txn")
     os.makedirs(os.path.join(txn, "stage"))
     try:
-        prep = _prepare(plan.steps, target, dest, txn, sources, remote)
+        prep = _prepare(plan.steps, target, dest, txn, sources, remote, local)
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
         ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
         _commit(txn, dest, ops)
@@ -174,8 +174,12 @@ class _Prepared:
     written: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _Prepared:  # type: ignore[no-untyped-def]
+def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, local) -> _Prepared:  # type: ignore[no-untyped-def]
     """Phase 1: stage every new byte under ``txn``; return the operations that apply them."""
+    old_files = local.by_path if local is not None and local.root_kind == target.root_kind else {}
+    # Where this side holds the bytes that stood at a chunk's place before: a remote that
+    # takes them sends changed chunks as block deltas against those bytes.
+    bases: dict[ChunkId, tuple[str, int]] = {}
     out = _Prepared(ops=[])
     targets: dict[ChunkId, list[tuple[int, int]]] = defaultdict(list)  # id -> (fd, offset)
     sizes: dict[ChunkId, int] = {}
@@ -201,9 +205,12 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
                 staged.append((fd, rel))
                 os.fchmod(fd, EXEC_MODE if e.executable else FILE_MODE)
                 preallocate(fd, e.size)
+                old = old_files.get(rel)
                 for cid, off, n in iter_chunk_spans(e.chunks):
                     targets[cid].append((fd, off))
                     sizes[cid] = n
+                    if old is not None and old.kind == Kind.FILE and off < old.size:
+                        bases.setdefault(cid, (os.path.join(dest, rel) if rel else dest, off))
                 out.ops.append(["place", name, rel])
             elif step.action == Action.PATCH:
                 if data_fd < 0:
@@ -211,6 +218,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
                     fds.append(data_fd)
                 patches = []
                 for off, n, cid in step.ranges:
+                    bases.setdefault(cid, (os.path.join(dest, rel) if rel else dest, off))
                     slot = data_slots.get(cid)
                     if slot is None:
                         slot = data_slots[cid] = data_len
@@ -254,7 +262,11 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote) -> _
                     f"{len(wanted)} chunk(s) needed for {dest} are held by no source, e.g. {wanted[0].hex()}",
                     wanted[0].hex(),
                 )
-            for cid, data in remote.get_many(wanted):
+            if getattr(remote, "accepts_bases", False):
+                fetched = remote.get_many(wanted, bases={c: bases[c] for c in wanted if c in bases})
+            else:
+                fetched = remote.get_many(wanted)
+            for cid, data in fetched:
                 if cid in remaining:
                     put(cid, data)
                     remaining.discard(cid)

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 
 import aiohttp
 
-from cas import Manifest
+from cas import Manifest, delta
 from cas.compress import decompress
 from cas.errors import ChunkNotFoundError
-from cas.hashing import ChunkId, verify
+from cas.hashing import ChunkId, chunk_id, verify
 
 from .aio import io_loop
 from .errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
 from .protocol import (
-    BATCH_BYTES, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, PROTOCOL_VERSION,
-    STATUS_OK, STATUS_STALE,
+    BATCH_BYTES, DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS,
+    MAX_DELTA_IDS, PROTOCOL_VERSION, STATUS_DELTA, STATUS_OK, STATUS_STALE,
 )
 
 #: Chunk requests in flight at once per transfer.
@@ -108,12 +109,35 @@ class OriginClient:
         self._check(status, body, repr(rel))
         return bool(json.loads(body)["exists"])
 
+    async def _fetch_deltas(self, body: bytes) -> bytes:
+        status, answer, _ = await self._request("POST", "/v1/deltas", data=body)
+        if status == 410:
+            raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
+        self._check(status, answer, "chunk deltas")
+        return answer
+
     async def _fetch(self, manifest_id: bytes, ids: list[ChunkId]) -> bytes:
         status, body, _ = await self._request("POST", "/v1/chunks", data=manifest_id + b"".join(ids))
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, body, f"{len(ids)} chunks")
         return body
+
+
+def _read_base(where: tuple[str, int], n: int) -> bytes:
+    """Up to ``n`` bytes at (file, offset): the receiver's bytes a delta is built against
+    (fewer, or none, if the file is shorter or gone: the delta then just carries more)."""
+    path, off = where
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, n, off)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 class OriginSource:
@@ -134,7 +158,11 @@ class OriginSource:
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
         return {c for c in ids if c in self._sizes}
 
-    def _batches(self, ids: list[ChunkId]) -> Iterator[list[ChunkId]]:
+    #: ``get_many`` takes ``bases``: where this side holds the bytes that stood at a chunk's
+    #: place before (a file and an offset), so that changed chunks come as block deltas.
+    accepts_bases = True
+
+    def _batches(self, ids: list[ChunkId], limit: int) -> Iterator[list[ChunkId]]:
         batch: list[ChunkId] = []
         size = 0
         for cid in ids:
@@ -142,33 +170,65 @@ class OriginSource:
                 raise ChunkNotFoundError(f"chunk {cid.hex()} is not in the manifest served by {self.location}", cid.hex())
             batch.append(cid)
             size += self._sizes[cid]
-            if size >= BATCH_BYTES or len(batch) >= MAX_BATCH_IDS:
+            if size >= BATCH_BYTES or len(batch) >= limit:
                 yield batch
                 batch, size = [], 0
         if batch:
             yield batch
 
-    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
+    def get_many(
+        self, ids: Iterable[ChunkId], bases: Mapping[ChunkId, tuple[str, int]] | None = None
+    ) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
+        """Chunks for ``ids``, verified. Those with an entry in ``bases`` are asked for as
+        block deltas against the bytes at that (file, offset); a delta that does not rebuild
+        the chunk (the base changed meanwhile) is fetched whole at the end."""
+        ids = list(ids)
+        bases = bases or {}
+        whole = [c for c in ids if c not in bases]
+        with_base = [c for c in ids if c in bases]
+        jobs: list[tuple[list[ChunkId], bool]] = [(b, False) for b in self._batches(whole, MAX_BATCH_IDS)]
+        jobs += [(b, True) for b in self._batches(with_base, MAX_DELTA_IDS)]
+        retry: list[ChunkId] = []
+        yield from self._run(jobs, bases, retry)
+        if retry:
+            yield from self._run([(b, False) for b in self._batches(retry, MAX_BATCH_IDS)], bases, [])
+
+    def _run(
+        self, jobs: list[tuple[list[ChunkId], bool]], bases: Mapping[ChunkId, tuple[str, int]], retry: list[ChunkId]
+    ) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
         loop = io_loop()
         pending: deque[tuple[list[ChunkId], Future[bytes]]] = deque()
-        batches = self._batches(list(ids))
         try:
-            for batch in batches:
-                pending.append((batch, loop.submit(self.client._fetch(self.manifest.id, batch))))
+            for batch, as_delta in jobs:
+                if as_delta:
+                    fut = loop.submit(self.client._fetch_deltas(self._delta_request(batch, bases)))
+                else:
+                    fut = loop.submit(self.client._fetch(self.manifest.id, batch))
+                pending.append((batch, fut))
                 if len(pending) < IN_FLIGHT:
                     continue
-                yield from self._decode(*self._next(pending))
+                yield from self._decode(*self._next(pending), bases, retry)
             while pending:
-                yield from self._decode(*self._next(pending))
+                yield from self._decode(*self._next(pending), bases, retry)
         finally:
             for _, f in pending:
                 f.cancel()
+
+    def _delta_request(self, batch: list[ChunkId], bases: Mapping[ChunkId, tuple[str, int]]) -> bytes:
+        out = [self.manifest.id, DELTA_HEAD.pack(delta.BLOCK_SIZE, len(batch))]
+        for cid in batch:
+            digests = delta.block_digests(_read_base(bases[cid], self._sizes[cid]))
+            out.append(DELTA_ITEM.pack(cid, len(digests) // delta.DIGEST_SIZE))
+            out.append(digests)
+        return b"".join(out)
 
     def _next(self, pending: deque[tuple[list[ChunkId], Future[bytes]]]) -> tuple[list[ChunkId], bytes]:
         batch, fut = pending.popleft()
         return batch, fut.result(timeout=self.client.timeout * 4 + 30)
 
-    def _decode(self, batch: list[ChunkId], body: bytes) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
+    def _decode(
+        self, batch: list[ChunkId], body: bytes, bases: Mapping[ChunkId, tuple[str, int]], retry: list[ChunkId]
+    ) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
         mv = memoryview(body)
         pos = 0
         want = set(batch)
@@ -181,14 +241,24 @@ class OriginSource:
                 raise OriginError(f"{self.location} sent chunk {cid.hex()}, which was not asked for", self.client.name)
             if status == STATUS_STALE:
                 raise StaleManifestError(f"a file changed at {self.location} after its manifest was taken", self.client.name)
-            if status != STATUS_OK:
+            if status not in (STATUS_OK, STATUS_DELTA) or (status == STATUS_DELTA and cid not in bases):
                 raise OriginError(f"{self.location} does not know chunk {cid.hex()}", self.client.name)
-            if pos + stored > len(mv) or raw != self._sizes[cid]:
+            if pos + stored > len(mv) or (status == STATUS_OK and raw != self._sizes[cid]) or raw > 2 * self._sizes[cid] + 64:
                 raise OriginError(f"{self.location} sent a malformed frame for chunk {cid.hex()}", self.client.name)
             data = decompress(codec, mv[pos : pos + stored], raw, cid.hex())
             pos += stored
-            verify(cid, data, self.location)
             want.discard(cid)
+            if status == STATUS_DELTA:
+                try:
+                    data = delta.apply(data, _read_base(bases[cid], self._sizes[cid]), self._sizes[cid])
+                except ValueError:
+                    data = b""
+                if chunk_id(data) != cid:  # the base changed since its digests were taken
+                    self.bytes_received += stored
+                    retry.append(cid)
+                    continue
+            else:
+                verify(cid, data, self.location)
             self.bytes_received += stored
             self.chunks_received += 1
             yield cid, data

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from cas import Kind, Manifest
+from cas import Kind, Manifest, delta
 from cas.chunking import iter_chunk_spans
 from cas.compress import maybe_compress
 from cas.errors import FileChangedError, SnapshotError, UnsafePathError
@@ -28,11 +28,36 @@ from cas.hashing import ID_SIZE, chunk_id
 from cas.workspace import Workspace
 
 from .protocol import (
-    FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, PROTOCOL_VERSION,
-    STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
+    DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, MAX_DELTA_IDS,
+    PROTOCOL_VERSION, STATUS_DELTA, STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
 )
 
 _KEEP_MANIFESTS = 32
+
+
+def _parse_delta_request(body: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
+    """(manifest id, block size, [(chunk id, base digests)]) of a /v1/deltas body."""
+    if len(body) < ID_SIZE + DELTA_HEAD.size:
+        raise ValueError("truncated header")
+    block, count = DELTA_HEAD.unpack_from(body, ID_SIZE)
+    if block < 4096 or block > (1 << 20) or block & (block - 1):
+        raise ValueError(f"block size {block} is not a power of two in [4 KiB, 1 MiB]")
+    if count > MAX_DELTA_IDS:
+        raise ValueError(f"{count} chunks (at most {MAX_DELTA_IDS})")
+    pos = ID_SIZE + DELTA_HEAD.size
+    wants: list[tuple[bytes, bytes]] = []
+    for _ in range(count):
+        if pos + DELTA_ITEM.size > len(body):
+            raise ValueError("truncated entry")
+        cid, n = DELTA_ITEM.unpack_from(body, pos)
+        pos += DELTA_ITEM.size
+        if n * delta.DIGEST_SIZE + pos > len(body):
+            raise ValueError("truncated digests")
+        wants.append((cid, body[pos : pos + n * delta.DIGEST_SIZE]))
+        pos += n * delta.DIGEST_SIZE
+    if pos != len(body):
+        raise ValueError(f"{len(body) - pos} trailing bytes")
+    return body[:ID_SIZE], block, wants
 
 
 class PathOutsideRootError(ValueError):
@@ -84,6 +109,7 @@ class OriginService:
         app.router.add_get("/v1/manifest", self._manifest)
         app.router.add_get("/v1/exists", self._exists)
         app.router.add_post("/v1/chunks", self._chunks)
+        app.router.add_post("/v1/deltas", self._deltas)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, port)
@@ -172,8 +198,27 @@ class OriginService:
         frames = await asyncio.get_running_loop().run_in_executor(self._pool, self._read_frames, served, ids)
         return web.Response(body=frames, content_type="application/octet-stream")
 
-    def _read_frames(self, served: _Served, ids: list[bytes]) -> bytes:
-        """Frames for ``ids``, each read from its file and checked against its id."""
+    async def _deltas(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            manifest_id, block, wants = _parse_delta_request(body)
+        except ValueError as e:
+            return web.json_response({"error": f"bad delta request: {e}"}, status=400)
+        if len(wants) > MAX_DELTA_IDS:
+            return web.json_response({"error": f"at most {MAX_DELTA_IDS} chunks per delta request"}, status=413)
+        served = self._served.get(manifest_id)
+        if served is None:
+            return web.json_response({"error": "unknown manifest (expired or never served): ask for a new one"}, status=410)
+        frames = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._read_frames, served, [cid for cid, _ in wants], dict(wants), block
+        )
+        return web.Response(body=frames, content_type="application/octet-stream")
+
+    def _read_frames(
+        self, served: _Served, ids: list[bytes], bases: dict[bytes, bytes] | None = None, block: int = delta.BLOCK_SIZE
+    ) -> bytes:
+        """Frames for ``ids``, each read from its file and checked against its id; as a block
+        delta where ``bases`` holds the requester's block digests and a delta pays."""
         out: list[bytes | memoryview] = []
         fds: dict[str, int] = {}
         try:
@@ -195,8 +240,13 @@ class OriginService:
                 if len(data) != n or chunk_id(data) != cid:
                     out.append(FRAME.pack(STATUS_STALE, 0, cid, 0, 0))
                     continue
+                status = STATUS_OK
+                digests = bases.get(cid) if bases else None
+                body = delta.encode(data, digests, block) if digests else None
+                if body is not None:
+                    status, data = STATUS_DELTA, body
                 codec, payload = maybe_compress(data)
-                out.append(FRAME.pack(STATUS_OK, codec, cid, n, len(payload)))
+                out.append(FRAME.pack(status, codec, cid, len(data), len(payload)))  # plain length of what is sent
                 out.append(payload)
         finally:
             for fd in fds.values():

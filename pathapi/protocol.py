@@ -20,3 +20,9 @@ FRAME = struct.Struct("<BB32sII")  # status, codec, id, raw length, stored lengt
 STATUS_OK = 0
 STATUS_STALE = 1  # the file changed since the manifest: the bytes no longer hash to the id
 STATUS_UNKNOWN = 2  # the id is not in that manifest
+STATUS_DELTA = 3  # the payload is a block delta against the base the request described
+
+#: Delta requests: at most this many chunks each (their digests bound the body size).
+MAX_DELTA_IDS = 256
+DELTA_HEAD = struct.Struct("<II")  # block size, chunk count
+DELTA_ITEM = struct.Struct("<32sH")  # chunk id, number of base block digests

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cas import Manifest
 from cas.hashing import ChunkId
@@ -72,9 +72,13 @@ class _Counting:
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
         return self.inner.has_many(ids)
 
-    def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+    @property
+    def accepts_bases(self) -> bool:
+        return bool(getattr(self.inner, "accepts_bases", False))
+
+    def get_many(self, ids: Iterable[ChunkId], **kw: Any) -> Iterator[tuple[ChunkId, Payload]]:
         try:
-            for cid, data in self.inner.get_many(ids):
+            for cid, data in self.inner.get_many(ids, **kw):
                 self.chunks += 1
                 self.bytes += len(data)
                 if self._bar is not None:

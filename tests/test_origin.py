@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from cas import Manifest
+from cas import Manifest, delta
 from cas.chunking import iter_chunk_spans
 from cas.compress import decompress
 from cas.errors import ChunkNotFoundError
@@ -38,7 +38,8 @@ from pathapi.errors import (
 )
 from pathapi.origin import OriginService, PathOutsideRootError, resolve_under
 from pathapi.protocol import (
-    FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
+    DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, MAX_DELTA_IDS,
+    STATUS_DELTA, STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
 )
 
 KiB = 1024
@@ -148,6 +149,7 @@ ENDPOINTS = [
     ("GET", "/v1/manifest", {"path": "data.bin"}, None),
     ("GET", "/v1/exists", {"path": "data.bin"}, None),
     ("POST", "/v1/chunks", None, bytes(2 * ID_SIZE)),
+    ("POST", "/v1/deltas", None, bytes(ID_SIZE) + DELTA_HEAD.pack(8192, 0)),
 ]
 
 
@@ -776,3 +778,66 @@ def test_concurrent_clients_each_get_complete_verified_answers(served: tuple[Ori
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         counts = list(pool.map(one, range(16), timeout=60))
     assert counts == [len(m.chunk_ids())] * 16
+
+
+# -- block deltas (/v1/deltas) -------------------------------------------------------------
+def _delta_body(manifest_id: bytes, wants: list[tuple[bytes, bytes]], block: int = delta.BLOCK_SIZE) -> bytes:
+    out = [manifest_id, DELTA_HEAD.pack(block, len(wants))]
+    for cid, digests in wants:
+        out += [DELTA_ITEM.pack(cid, len(digests) // delta.DIGEST_SIZE), digests]
+    return b"".join(out)
+
+
+def test_delta_request_answers_only_the_blocks_that_differ_from_the_base(served: tuple[Origin, Manifest, bytes]) -> None:
+    o, m, data = served
+    cid, off, n = next(iter_chunk_spans(m.entries[0].chunks))
+    old = bytearray(data[off : off + n])
+    old[100:200] = b"x" * 100  # the receiver's bytes at that place differ in one block
+    status, body, _ = o.request("POST", "/v1/deltas", body=_delta_body(m.id, [(cid, delta.block_digests(bytes(old)))]))
+    assert status == 200, body
+    ((st, codec, got, raw, payload),) = parse_frames(body)
+    assert (st, got) == (STATUS_DELTA, cid)
+    plain = decompress(codec, payload, raw)
+    assert len(plain) < n // 4  # one block, not the chunk
+    assert delta.apply(plain, bytes(old), n) == data[off : off + n]
+
+
+def test_delta_request_with_an_unrelated_base_answers_the_whole_chunk(served: tuple[Origin, Manifest, bytes]) -> None:
+    o, m, data = served
+    cid, off, n = next(iter_chunk_spans(m.entries[0].chunks))
+    status, body, _ = o.request("POST", "/v1/deltas", body=_delta_body(m.id, [(cid, delta.block_digests(os.urandom(n)))]))
+    assert status == 200
+    ((st, _, got, raw, _),) = parse_frames(body)
+    assert (st, got, raw) == (STATUS_OK, cid, n)
+
+
+@pytest.mark.parametrize("bad", ["truncated", "odd_block", "tiny_block", "count_overruns", "trailing", "digests_overrun"])
+def test_malformed_delta_request_is_400(served: tuple[Origin, Manifest, bytes], bad: str) -> None:
+    o, m, _ = served
+    cid = next(iter(m.chunk_ids()))
+    good = _delta_body(m.id, [(cid, bytes(32))])
+    body = {
+        "truncated": good[: ID_SIZE + 3],
+        "odd_block": _delta_body(m.id, [(cid, bytes(32))], block=12345),
+        "tiny_block": _delta_body(m.id, [(cid, bytes(32))], block=512),
+        "count_overruns": m.id + DELTA_HEAD.pack(8192, 5) + DELTA_ITEM.pack(cid, 0),
+        "trailing": good + b"x",
+        "digests_overrun": m.id + DELTA_HEAD.pack(8192, 1) + DELTA_ITEM.pack(cid, 1000) + bytes(16),
+    }[bad]
+    status, answer, _ = o.request("POST", "/v1/deltas", body=body)
+    assert status == 400, answer
+    assert o.service.chunks_read == 0
+
+
+def test_delta_request_for_too_many_chunks_is_refused(served: tuple[Origin, Manifest, bytes]) -> None:
+    o, m, _ = served
+    cid = next(iter(m.chunk_ids()))
+    status, _, _ = o.request("POST", "/v1/deltas", body=_delta_body(m.id, [(cid, b"")] * (MAX_DELTA_IDS + 1)))
+    assert status in (400, 413)
+    assert o.service.chunks_read == 0
+
+
+def test_delta_request_for_an_unknown_manifest_is_410(served: tuple[Origin, Manifest, bytes]) -> None:
+    o, m, _ = served
+    status, _, _ = o.request("POST", "/v1/deltas", body=_delta_body(bytes(32), [(next(iter(m.chunk_ids())), b"")]))
+    assert status == 410

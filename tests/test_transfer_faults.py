@@ -79,9 +79,9 @@ def _wrap_read_frames(hook: Any) -> None:
 
     original = getattr(OriginService._read_frames, "_original", OriginService._read_frames)
 
-    def wrapped(self: Any, served: Any, ids: list[bytes]) -> bytes:
+    def wrapped(self: Any, served: Any, ids: list[bytes], *rest: Any) -> bytes:
         hook(self, served)
-        return original(self, served, ids)
+        return original(self, served, ids, *rest)
 
     wrapped._original = original  # type: ignore[attr-defined]
     OriginService._read_frames = wrapped  # type: ignore[method-assign]
