@@ -37,6 +37,7 @@ _LINK = struct.Struct("<H")  # target length
 _LEN = struct.Struct("<I")
 
 FLAG_EXECUTABLE = 0x01
+
 _ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -44,6 +45,9 @@ class Kind(IntEnum):
     DIR = 0
     FILE = 1
     SYMLINK = 2
+
+
+_KINDS = frozenset(Kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +97,11 @@ class Manifest:
         """Sort, validate and encode ``entries`` (UnsafePathError/ManifestError if not valid)."""
         ordered = tuple(sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape")))
         encoded = _encode(params, root_kind, ordered)
-        # Decoding our own encoding runs exactly the checks a receiver runs.
-        return cls.decode(encoded)
+        # The checks a receiver runs after parsing (what parsing itself checks, _encode
+        # enforces: UTF-8, field ranges); re-parsing our own bytes would cost a third of a
+        # snapshot of many small cached files.
+        _validate(root_kind, ordered, params)
+        return cls(params, Kind(root_kind), ordered, encoded)
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Manifest:
@@ -269,6 +276,8 @@ def check_relpath(path: str) -> list[str]:
 
 
 def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams) -> None:
+    if root_kind not in (Kind.DIR, Kind.FILE):
+        raise ManifestError(f"manifest root must be a directory or a file, not {root_kind!r}")
     if root_kind == Kind.FILE:
         if len(entries) != 1 or entries[0].path != "" or entries[0].kind != Kind.FILE:
             raise ManifestError("a file manifest holds exactly one file entry, with path ''")
@@ -286,6 +295,10 @@ def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams
             if parent and kinds.get(parent) != Kind.DIR:
                 raise ManifestError(f"{e.path!r}: its parent {parent!r} is not a directory entry")
         kinds[e.path] = e.kind
+        if e.kind not in _KINDS:
+            raise ManifestError(f"{e.path!r}: unknown entry kind {e.kind!r}")
+        if e.executable and e.kind != Kind.FILE:
+            raise ManifestError(f"{e.path!r}: only a file can be executable")
         if e.kind == Kind.FILE:
             total = 0
             for cid, n in iter_chunks(e.chunks):

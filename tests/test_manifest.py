@@ -655,3 +655,25 @@ def test_decoding_a_bit_flipped_generated_manifest_yields_a_manifest_or_a_manife
     data = bytearray(Manifest.build(SMALL, Kind.DIR, entries).encode())
     data[pos % len(data)] ^= 1 << bit
     decode_or_refuse(bytes(data))
+
+
+def test_build_refuses_an_unknown_entry_kind_and_an_executable_directory() -> None:
+    from cas.chunking import DEFAULT_PARAMS
+    from cas.manifest import Entry, Kind, Manifest
+
+    with pytest.raises(ManifestError, match="unknown entry kind"):
+        Manifest.build(DEFAULT_PARAMS, Kind.DIR, [Entry("a", 7)])  # type: ignore[arg-type]
+    with pytest.raises(ManifestError, match="only a file can be executable"):
+        Manifest.build(DEFAULT_PARAMS, Kind.DIR, [Entry("a", Kind.DIR, executable=True)])
+    with pytest.raises(ManifestError, match="root must be"):
+        Manifest.build(DEFAULT_PARAMS, Kind.SYMLINK, [])
+
+
+def test_build_gives_exactly_what_decoding_its_encoding_gives() -> None:
+    from cas.chunking import DEFAULT_PARAMS
+    from cas.manifest import Entry, Kind, Manifest, file_entry
+
+    entries = [Entry("d", Kind.DIR), file_entry("d/f", [(b"\x01" * 32, 10)], True), Entry("l", Kind.SYMLINK, target="d/f")]
+    built = Manifest.build(DEFAULT_PARAMS, Kind.DIR, entries[::-1])
+    decoded = Manifest.decode(built.encode())
+    assert decoded == built and decoded.entries == built.entries and decoded.id == built.id
