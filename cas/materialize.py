@@ -6,8 +6,8 @@ Two phases, under a lock on the state folder:
    pre-allocated, filled from local sources first and the remote source for the rest), or,
    when only a small part of an existing file changes, the new ranges are written into a
    journal data file. Everything is fsynced. No user file is touched; failure here (a
-   missing or corrupt chunk, an origin that dies, a full disk) discards the staging and
-   leaves the tree as it was.
+   missing or corrupt chunk, an origin that dies, a full disk) leaves the tree as it was;
+   what was staged is kept as ``resume/`` so the next sync does not fetch it again.
 2. *Commit and apply.* The list of operations is written and fsynced, then renamed into
    place: that rename is the commit point. The operations (rename staging files over
    targets, patch ranges from the journal, make directories and links, set exec bits,
@@ -38,10 +38,13 @@ from .fsutil import fsync_dir, preallocate, pwrite_all, remove_any, reserve, sta
 from .hashing import ChunkId
 from .manifest import Kind, Manifest
 from .plan import Action, plan_update
+from .sources import SeedSource
 from .store.base import ChunkSource
 
 JOURNAL_FORMAT = "cas-journal"
 JOURNAL_VERSION = 1
+RESUME_FORMAT = "cas-resume"
+RESUME_INDEX = "resume.json"
 FILE_MODE = 0o644
 #: Staged bytes after which their writeback to disk is started (so the fsync at the end of
 #: phase 1 does not begin from a whole file of dirty pages).
@@ -98,9 +101,49 @@ def recover(state_dir: str | os.PathLike[str]) -> bool:
         _apply(journal["dest"], txn, journal["ops"])
         replayed = True
     if os.path.lexists(txn):
-        shutil.rmtree(txn)
+        if replayed:
+            shutil.rmtree(txn)
+        else:
+            _keep_for_resume(os.fspath(state_dir))
         fsync_dir(state_dir)
     return replayed
+
+
+def _keep_for_resume(state: str) -> None:
+    """Keep an uncommitted transaction's staged files as ``resume/``: the next sync reads
+    the chunks they already hold (each verified) instead of fetching them again."""
+    txn = os.path.join(state, "txn")
+    resume = os.path.join(state, "resume")
+    if not os.path.exists(os.path.join(txn, RESUME_INDEX)):
+        shutil.rmtree(txn, ignore_errors=True)
+        return
+    shutil.rmtree(resume, ignore_errors=True)
+    os.rename(txn, resume)
+
+
+def _resume_source(state: str) -> SeedSource | None:
+    """The chunks an interrupted sync left staged, or None. Anything unreadable is dropped:
+    resuming only ever saves work, it is never needed for correctness."""
+    resume = os.path.join(state, "resume")
+    try:
+        with open(os.path.join(resume, RESUME_INDEX), "rb") as f:
+            index = json.loads(f.read().decode("utf-8", "surrogateescape"))
+        with open(os.path.join(resume, "target"), "rb") as f:
+            target = Manifest.decode(f.read())
+        if index.get("format") != RESUME_FORMAT or index.get("version") != JOURNAL_VERSION:
+            raise ValueError("unknown resume index")
+        by_path = target.by_path
+        files = [
+            (os.path.join(resume, "stage", name), by_path[rel].chunks)
+            for name, rel in index["stages"].items()
+            if rel in by_path and by_path[rel].kind == Kind.FILE and "/" not in name
+        ]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shutil.rmtree(resume, ignore_errors=True)
+        return None
+    return SeedSource.from_files(files, f"resume:{resume}")
 
 
 def materialize(
@@ -130,16 +173,18 @@ def materialize(
     plan = plan_update(local, target)
     txn = os.path.join(state, "txn")
     os.makedirs(os.path.join(txn, "stage"))
+    resume = _resume_source(state)
     try:
-        prep = _prepare(plan.steps, target, dest, txn, sources, remote, local)
+        prep = _prepare(plan.steps, target, dest, txn, [*sources, *([resume] if resume else [])], remote, local)
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
         ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
         _commit(txn, dest, ops)
     except BaseException:
-        shutil.rmtree(txn, ignore_errors=True)
+        _keep_for_resume(state)  # what this attempt staged (old resumed chunks included)
         raise
     written = prep.written | _apply(dest, txn, ops)
     shutil.rmtree(txn)
+    shutil.rmtree(os.path.join(state, "resume"), ignore_errors=True)
     return MaterializeResult(
         files=sum(1 for _ in target.files()),
         bytes_total=target.total_size,
@@ -185,6 +230,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
     sizes: dict[ChunkId, int] = {}
     fds: list[int] = []
     staged: list[tuple[int, str]] = []
+    stage_names: list[tuple[str, str]] = []
     data_fd = -1
     data_slots: dict[ChunkId, int] = {}
     data_len = 0
@@ -212,6 +258,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                     if old is not None and old.kind == Kind.FILE and off < old.size:
                         bases.setdefault(cid, (os.path.join(dest, rel) if rel else dest, off))
                 out.ops.append(["place", name, rel])
+                stage_names.append((name, rel))
             elif step.action == Action.PATCH:
                 if data_fd < 0:
                     data_fd = os.open(os.path.join(txn, "data"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -230,6 +277,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                 out.ops.append(["patch", rel, e.size, e.executable, patches])
         if data_fd >= 0:
             preallocate(data_fd, data_len)
+        _write_resume_index(txn, target, {name: rel for name, rel in stage_names})
 
         dirty: dict[int, int] = defaultdict(int)
 
@@ -289,6 +337,18 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _write_resume_index(txn: str, target: Manifest, stages: dict[str, str]) -> None:
+    """What the staged files are meant to hold, so an interrupted sync can be resumed. Not
+    fsynced: it only ever saves work, and every chunk read back through it is verified."""
+    with open(os.path.join(txn, "target"), "wb") as f:
+        f.write(target.encode())
+    body = json.dumps({"format": RESUME_FORMAT, "version": JOURNAL_VERSION, "stages": stages}, ensure_ascii=False)
+    tmp = os.path.join(txn, RESUME_INDEX + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(body.encode("utf-8", "surrogateescape"))
+    os.rename(tmp, os.path.join(txn, RESUME_INDEX))
 
 
 def _backdate(fd: int) -> None:

@@ -28,14 +28,29 @@ class SeedSource:
     """
 
     def __init__(self, manifest: Manifest, root: str | os.PathLike[str]) -> None:
-        self.root = os.fspath(root)
-        self.location = f"seed:{self.root}"
+        root = os.fspath(root)
+        # A file root that is a symlink is resolved, as snapshot() does: reads use O_NOFOLLOW.
+        files = [
+            (os.path.join(root, e.path) if e.path else os.path.realpath(root), e.chunks) for e in manifest.files()
+        ]
+        self._init(files, f"seed:{root}")
+        self.root = root
+
+    @classmethod
+    def from_files(cls, files: list[tuple[str, bytes]], location: str) -> SeedSource:
+        """A seed over explicit (path, packed chunk list) pairs, such as files a previous,
+        interrupted sync had partly written (chunks it never wrote fail verification)."""
+        seed = cls.__new__(cls)
+        seed._init(files, location)
+        seed.root = ""
+        return seed
+
+    def _init(self, files: list[tuple[str, bytes]], location: str) -> None:
+        self.location = location
         self.stale: set[ChunkId] = set()
         self._where: dict[ChunkId, tuple[str, int, int]] = {}
-        for e in manifest.files():
-            # A file root that is a symlink is resolved, as snapshot() does: reads use O_NOFOLLOW.
-            path = os.path.join(self.root, e.path) if e.path else os.path.realpath(self.root)
-            for cid, off, n in iter_chunk_spans(e.chunks):
+        for path, chunks in files:
+            for cid, off, n in iter_chunk_spans(chunks):
                 self._where.setdefault(cid, (path, off, n))
 
     def __contains__(self, cid: ChunkId) -> bool:
