@@ -73,16 +73,32 @@ class Bench(Flow):
         os.unlink(dst)
         _settle()
 
+        self.rsync: dict[str, float] = {}
+
+    def _rsync(self, label: str) -> None:
+        """rsync local to local with its delta algorithm forced on (--no-whole-file), then
+        sync: the peer a user would pick for moving a changed file."""
+        _settle()
+        dst = os.path.join(self.scratch, "rsync")
+        os.makedirs(dst, exist_ok=True)
+        t = time.perf_counter()
+        subprocess.run(["rsync", "--no-whole-file", self.src, dst + "/"], check=True)
+        subprocess.run(["sync", os.path.join(dst, os.path.basename(self.src))], check=True)
+        self.rsync[label] = time.perf_counter() - t
+        _settle()
+
     def run(self) -> None:
         self._cp()
         self.consumer.run(self.origin.data)  # first get: the origin has never read the file
         self._cp()
         self.second.run(self.origin.data)  # first get of another work: the origin's stat cache is warm
         self._cp()
+        self._rsync("first")
         self.consumer.run(self.origin.data)  # unchanged re-get
         self.origin.run(edits=100)
         _settle()
         self.consumer.run(self.origin.data)  # 1 % scattered edits
+        self._rsync("edits")
 
 
 def _settle() -> None:
@@ -130,6 +146,10 @@ def main() -> None:
         "reget_vs_first": reget["seconds"] / first["seconds"],
         "edits_s": edits["seconds"],
         "edits_bytes_pct": 100 * edits["bytes_transferred"] / size,
+        "rsync_first_s": flow.rsync["first"],
+        "rsync_edits_s": flow.rsync["edits"],
+        "first_get_vs_rsync": first["seconds"] / flow.rsync["first"],
+        "edits_vs_rsync": edits["seconds"] / flow.rsync["edits"],
         "records": flow.consumer.records + flow.second.records,
     }
     print(json.dumps(out, indent=2))

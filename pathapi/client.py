@@ -57,8 +57,7 @@ class OriginClient:
         self.name = name
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self._headers = {"Authorization": f"Bearer {secret}", HEADER_PROTOCOL: "1"}
-        assert PROTOCOL_VERSION == "1"
+        self._headers = {"Authorization": f"Bearer {secret}", HEADER_PROTOCOL: PROTOCOL_VERSION}
 
     def _t(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout)
