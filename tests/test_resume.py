@@ -67,14 +67,20 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _interrupted(tmp_path: Path, store: LocalChunkStore, m, limit: int) -> tuple[Workspace, Path]:  # type: ignore[no-untyped-def]
+    """A consumer whose first sync of ``m`` failed after ``limit`` chunks (a dead origin)."""
+    ws = Workspace(tmp_path / "cstate", PARAMS)
+    dest = tmp_path / "consumer" / "data"
+    with pytest.raises(ConnectionError):
+        ws.sync(m, dest, remote=Dies(store, limit=limit))
+    return ws, dest
+
+
 def test_a_get_that_failed_half_way_fetches_only_the_rest_next_time(tmp_path: Path, origin) -> None:  # type: ignore[no-untyped-def]
     ows, store, src = origin
     m = _publish(ows, store, src)
     total = len(m.chunk_ids())
-    ws = Workspace(tmp_path / "cstate", PARAMS)
-    dest = tmp_path / "consumer" / "data"
-    with pytest.raises(ConnectionError):
-        ws.sync(m, dest, remote=Dies(store, limit=total // 2))
+    ws, dest = _interrupted(tmp_path, store, m, limit=total // 2)
     assert not dest.exists()  # nothing of the failed attempt is visible
     assert (tmp_path / "cstate" / "resume").is_dir()
     again = Counting(store)
@@ -116,10 +122,7 @@ def test_a_get_killed_mid_fetch_resumes_where_it_stopped(tmp_path: Path, origin)
 def test_a_resume_folder_that_makes_no_sense_is_dropped_and_the_get_still_succeeds(tmp_path: Path, origin) -> None:  # type: ignore[no-untyped-def]
     ows, store, src = origin
     m = _publish(ows, store, src)
-    ws = Workspace(tmp_path / "cstate", PARAMS)
-    dest = tmp_path / "consumer" / "data"
-    with pytest.raises(ConnectionError):
-        ws.sync(m, dest, remote=Dies(store, limit=5))
+    ws, dest = _interrupted(tmp_path, store, m, limit=5)
     resume = tmp_path / "cstate" / "resume"
     (resume / "resume.json").write_text("{ not json")
     r = ws.sync(m, dest, remote=Counting(store))
@@ -131,10 +134,7 @@ def test_staged_bytes_that_were_damaged_are_fetched_again_not_trusted(tmp_path: 
     ows, store, src = origin
     m = _publish(ows, store, src)
     total = len(m.chunk_ids())
-    ws = Workspace(tmp_path / "cstate", PARAMS)
-    dest = tmp_path / "consumer" / "data"
-    with pytest.raises(ConnectionError):
-        ws.sync(m, dest, remote=Dies(store, limit=total - 3))
+    ws, dest = _interrupted(tmp_path, store, m, limit=total - 3)
     for staged in (tmp_path / "cstate" / "resume" / "stage").iterdir():
         with open(staged, "r+b") as f:  # flip every 1024th byte: every chunk (>= 2 KiB) is hit
             data = bytearray(f.read())
