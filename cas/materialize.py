@@ -179,8 +179,16 @@ def materialize(
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
         ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
         _commit(txn, dest, ops)
-    except BaseException:
+    except BaseException as e:
         _keep_for_resume(state)  # what this attempt staged (old resumed chunks included)
+        if type(e) in (OSError, PermissionError):  # the disk refused: say where, keep errno
+            err = MaterializeError(
+                f"cannot stage the new contents of {dest} in {state}: {e.strerror or e} "
+                f"(errno {e.errno}); nothing at {dest} was changed",
+                dest,
+            )
+            err.errno = e.errno
+            raise err from e
         raise
     written = prep.written | _apply(dest, txn, ops)
     shutil.rmtree(txn)
