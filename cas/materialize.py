@@ -264,7 +264,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                     targets[cid].append((fd, off))
                     sizes[cid] = n
                     if old is not None and old.kind == Kind.FILE and off < old.size:
-                        bases.setdefault(cid, (os.path.join(dest, rel) if rel else dest, off))
+                        bases.setdefault(cid, (_under(dest, rel), off))
                 out.ops.append(["place", name, rel])
                 stage_names.append((name, rel))
             elif step.action == Action.PATCH:
@@ -273,7 +273,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                     fds.append(data_fd)
                 patches = []
                 for off, n, cid in step.ranges:
-                    bases.setdefault(cid, (os.path.join(dest, rel) if rel else dest, off))
+                    bases.setdefault(cid, (_under(dest, rel), off))
                     slot = data_slots.get(cid)
                     if slot is None:
                         slot = data_slots[cid] = data_len
@@ -281,7 +281,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                         targets[cid].append((data_fd, slot))
                         sizes[cid] = n
                     patches.append([off, slot, n])
-                _reserve_growth(os.path.join(dest, rel) if rel else dest, e.size)
+                _reserve_growth(_under(dest, rel), e.size)
                 out.ops.append(["patch", rel, e.size, e.executable, patches])
         if data_fd >= 0:
             preallocate(data_fd, data_len)
@@ -345,6 +345,11 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _under(dest: str, rel: str) -> str:
+    """The path of a manifest entry under ``dest`` (``""`` is ``dest`` itself)."""
+    return os.path.join(dest, rel) if rel else dest
 
 
 def _write_resume_index(txn: str, target: Manifest, stages: dict[str, str]) -> None:

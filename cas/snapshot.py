@@ -24,14 +24,14 @@ import time
 from .chunking import Chunker
 from .errors import FileChangedError, ManifestError, SnapshotError, UnsafePathError
 from .manifest import Entry, Kind, Manifest, check_relpath, resolve_link
-from .statcache import StatCache
+from .statcache import StatCache, coarse_timestamps
 
 TICK_NS = 20_000_000  # two jiffies at HZ=100
 TICK_COARSE_NS = 2_000_000_000  # filesystems that stamp whole seconds (or two)
 
 
 def _tick(st: os.stat_result) -> int:
-    return TICK_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else TICK_NS
+    return TICK_COARSE_NS if coarse_timestamps(st) else TICK_NS
 
 
 def snapshot(

@@ -32,6 +32,12 @@ _FORMAT_KEY = b"\x00format"
 _FORMAT = b"cas-statcache-1"
 
 
+def coarse_timestamps(st: os.stat_result) -> bool:
+    """Whether ``st`` may come from a filesystem that stamps whole seconds: its mtime is a
+    whole second (on a fine-grained filesystem that happens once in a billion)."""
+    return st.st_mtime_ns % 1_000_000_000 == 0
+
+
 def _sig(st: os.stat_result) -> bytes:
     return _SIG.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
@@ -81,7 +87,7 @@ class StatCache:
         renamed it into place (which moves ctime, not mtime): raciness is judged by mtime
         alone, since any later write moves mtime away from the recorded one.
         """
-        window = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
+        window = RACY_COARSE_NS if coarse_timestamps(st) else RACY_NS
         newest = st.st_mtime_ns if renamed else max(st.st_mtime_ns, st.st_ctime_ns)
         if newest >= time.time_ns() - window:
             return

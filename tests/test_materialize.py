@@ -360,15 +360,21 @@ def test_sync_without_overwrite_into_a_missing_dest_creates_it(sc, chunker):
     sync_and_check(sc, sample_tree(), chunker, overwrite=False)
 
 
-@pytest.mark.parametrize("receiver", ["absent", "older-version"])
-def test_sync_with_a_chunk_missing_from_the_remote_raises_and_leaves_the_tree_as_before(sc, chunker, receiver):
+def _new_version_for(sc, chunker, receiver: str):  # type: ignore[no-untyped-def]
+    """Publish sample tree 2; first sync sample tree 1 to the receiver if it is to hold an
+    older version. Returns (manifest, tree)."""
     old, new = sample_tree(1), sample_tree(2)
     if receiver == "older-version":
         write_tree(sc.origin, old)
         sync_and_check(sc, old, chunker)
         shutil.rmtree(sc.origin)
     write_tree(sc.origin, new)
-    m = sc.publish()
+    return sc.publish(), new
+
+
+@pytest.mark.parametrize("receiver", ["absent", "older-version"])
+def test_sync_with_a_chunk_missing_from_the_remote_raises_and_leaves_the_tree_as_before(sc, chunker, receiver):
+    m, _ = _new_version_for(sc, chunker, receiver)
     lost = sorted(m.chunk_ids() - chunk_ids_in(read_tree(sc.dest), chunker))[len(m.chunk_ids()) // 3]
     sc.store.delete_many([lost])
     before = read_tree(sc.dest)
@@ -390,13 +396,7 @@ def test_sync_with_chunks_missing_and_no_remote_raises_chunk_not_found_naming_on
 
 @pytest.mark.parametrize("receiver", ["absent", "older-version"])
 def test_sync_with_a_remote_yielding_corrupt_bytes_raises_and_leaves_the_tree_as_before(sc, chunker, receiver):
-    old, new = sample_tree(1), sample_tree(2)
-    if receiver == "older-version":
-        write_tree(sc.origin, old)
-        sync_and_check(sc, old, chunker)
-        shutil.rmtree(sc.origin)
-    write_tree(sc.origin, new)
-    m = sc.publish()
+    m, new = _new_version_for(sc, chunker, receiver)
     needed = sorted(m.chunk_ids() - chunk_ids_in(read_tree(sc.dest), chunker))
     before = read_tree(sc.dest)
     with pytest.raises(ChunkCorruptError) as err:
