@@ -59,6 +59,14 @@ class StoreError(CasError, OSError):
         return str(self.args[0]) if self.args else "store error"
 
 
+class StoreBusyError(StoreError):
+    """A store operation conflicts with one another process holds (a GC, a persist)."""
+
+
+class GcError(StoreError):
+    """Garbage collection refused to delete: the live set could not be read in full."""
+
+
 class SnapshotError(CasError, OSError):
     """A file or folder could not be snapshotted; ``path`` names it."""
 

@@ -9,6 +9,8 @@ from pathlib import Path as FsPath
 
 from cas import LocalChunkStore, Manifest, SeedSource
 from cas.errors import FileChangedError
+from cas.gc import GcReport, collect_garbage
+from cas.leases import Leases
 from cas.store import ChunkStore, LocalRefStore, RefStore
 from cas.workspace import Workspace
 
@@ -17,10 +19,15 @@ PERSIST_BATCH = 64 << 20
 
 
 class ArtifactStore:
-    def __init__(self, chunks: ChunkStore, refs: RefStore, location: str) -> None:
+    """``chunks`` and ``refs`` hold the data; ``leases`` (a ref store of its own) keep
+    garbage collection and persists apart (:mod:`cas.leases`)."""
+
+    def __init__(self, chunks: ChunkStore, refs: RefStore, location: str, leases: RefStore) -> None:
         self.chunks = chunks
         self.refs = refs
         self.location = location
+        self.lease_refs = leases
+        self.leases = Leases(leases)
 
     @classmethod
     def open(cls, url: str | os.PathLike[str] | None, app_root: str | os.PathLike[str]) -> ArtifactStore:
@@ -31,7 +38,7 @@ class ArtifactStore:
         if "://" in text and not text.startswith("file://"):
             raise ValueError(f"unsupported artifact store {text!r}: give a folder (S3 stores are not available yet)")
         root = FsPath(text.removeprefix("file://")).absolute()
-        return cls(LocalChunkStore(root / "chunks"), LocalRefStore(root / "refs"), str(root))
+        return cls(LocalChunkStore(root / "chunks"), LocalRefStore(root / "refs"), str(root), LocalRefStore(root / "leases"))
 
     @staticmethod
     def ref_name(work: str, rel: str) -> str:
@@ -43,7 +50,15 @@ class ArtifactStore:
 
     def persist(self, work: str, rel: str, root: str, workspace: Workspace, attempts: int = 3) -> Manifest | None:
         """Store the current tree at ``root`` as ``work``'s ``rel``: chunks the store lacks,
-        then the manifest. None if nothing exists at ``root``."""
+        then the manifest. None if nothing exists at ``root``.
+
+        Runs under a shared lease, so a garbage collection never deletes a chunk this
+        persist found present and relies on.
+        """
+        with self.leases.shared(f"persist of {work}/{rel}"):
+            return self._persist(work, rel, root, workspace, attempts)
+
+    def _persist(self, work: str, rel: str, root: str, workspace: Workspace, attempts: int) -> Manifest | None:
         for _ in range(attempts):
             if not os.path.lexists(root):
                 return None
@@ -65,6 +80,11 @@ class ArtifactStore:
                 return m
         raise FileChangedError(f"{root} kept changing while it was persisted ({attempts} attempts)", root)
 
+    def gc(self, *, dry_run: bool = False, min_garbage: float = 0.2) -> GcReport:
+        """Delete the chunks no persisted manifest names (see :func:`cas.gc.collect_garbage`)."""
+        return collect_garbage(self.chunks, self.refs, self.leases, dry_run=dry_run, min_garbage=min_garbage)
+
     def close(self) -> None:
         self.chunks.close()
         self.refs.close()
+        self.lease_refs.close()

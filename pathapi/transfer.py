@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cas import Manifest
+from cas.errors import ChunkNotFoundError
 from cas.hashing import ChunkId
 from cas.store.base import ChunkSource, Payload
 
@@ -142,6 +143,13 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
             r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite)
         except StaleManifestError as e:
             last = e
+            continue
+        except ChunkNotFoundError as e:
+            if kind != "artifacts":
+                raise
+            # The persisted ref was replaced and a garbage collection removed chunks of the
+            # manifest we read: the current one names chunks that exist.
+            last = StaleManifestError(f"persisted manifest of {rel!r} was replaced during the get: {e}", origin)
             continue
         wire = source.bytes_received if isinstance(source, OriginSource) else counting.bytes
         return TransferRecord(

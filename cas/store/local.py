@@ -22,13 +22,20 @@ import os
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 
 from ..compress import decompress, maybe_compress
-from ..errors import ChunkCorruptError, ChunkNotFoundError, StoreError, UnsupportedVersionError
+from ..errors import (
+    ChunkCorruptError,
+    ChunkNotFoundError,
+    StoreError,
+    UnsupportedVersionError,
+)
 from ..fsutil import fsync_dir
 from ..hashing import ID_SIZE, ChunkId, verify
 from .base import ChunkStore, Payload
@@ -40,6 +47,24 @@ INDEX = struct.Struct("<QQIIB")  # pack id, record offset, stored length, raw le
 
 _WRITE_BUFFER = 8 << 20
 _MAX_IOV = 512  # buffers per writev (the kernel's IOV_MAX is 1024)
+_ORPHAN_AGE = 60.0  # seconds after which an unnamed, unlocked new pack is a dead writer's
+_MOVED_RETRIES = 4  # a reader racing compactions looks a chunk up again at most this often
+
+
+@dataclass
+class CompactStats:
+    """What one compaction did: packs rewritten, live chunks moved, pack bytes before and after."""
+
+    packs_rewritten: int = 0
+    chunks_moved: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    #: Ids (hex) of chunks that failed verification: left in place, with their packs.
+    corrupt: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_reclaimed(self) -> int:
+        return self.bytes_before - self.bytes_after
 
 
 class LocalChunkStore(ChunkStore):
@@ -62,6 +87,7 @@ class LocalChunkStore(ChunkStore):
         self._lock = threading.Lock()
         self._writer: tuple[int, int] | None = None  # (pack id, fd)
         self._writer_size = 0
+        self._retired: list[int] = []  # fds of full packs whose records are not indexed yet
         self._closed = False
 
     def _check_format(self) -> None:
@@ -95,14 +121,29 @@ class LocalChunkStore(ChunkStore):
         fds: dict[int, int] = {}
         try:
             for cid, loc in locs:
-                if loc is None:
-                    raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
-                yield cid, self._read(cid, loc, fds)
+                for _ in range(_MOVED_RETRIES):
+                    if loc is None:
+                        raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
+                    try:
+                        data = self._read(cid, loc, fds)
+                        break
+                    except FileNotFoundError:
+                        # Compaction moved the chunk and removed the pack after we looked it
+                        # up: its index entry already points at the new place.
+                        with self._env.begin(db=self._db) as txn:
+                            fresh = txn.get(cid)
+                        if fresh == loc:
+                            raise StoreError(f"pack of chunk {cid.hex()} is missing from {self.location}", self.location) from None
+                        loc = fresh
+                else:
+                    raise StoreError(f"chunk {cid.hex()} kept moving in {self.location}", self.location)
+                yield cid, data
         finally:
             for fd in fds.values():
                 os.close(fd)
 
     def _read(self, cid: ChunkId, loc: bytes, fds: dict[int, int]) -> Payload:
+        """The verified bytes at ``loc``; FileNotFoundError if its pack does not exist."""
         pack_id, offset, stored, raw, codec = INDEX.unpack(loc)
         where = f"{self._pack_path(pack_id)}@{offset}"
         try:
@@ -110,6 +151,8 @@ class LocalChunkStore(ChunkStore):
             if fd is None:
                 fd = fds[pack_id] = os.open(self._pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
             blob = os.pread(fd, RECORD.size + stored, offset)
+        except FileNotFoundError:
+            raise
         except OSError as e:
             raise StoreError(f"cannot read chunk {cid.hex()} from {where}: {e}", self.location) from e
         if len(blob) != RECORD.size + stored:
@@ -156,7 +199,7 @@ class LocalChunkStore(ChunkStore):
                         continue
                     verify(cid, data, "put")
                     codec, payload = maybe_compress(data)
-                    pack_id, fd = self._writable()
+                    pack_id = self._writable()[0]
                     offset = self._writer_size + out_len
                     out.append(RECORD.pack(RECORD_MAGIC, codec, 0, len(payload), len(data), cid))
                     out.append(payload)
@@ -182,6 +225,7 @@ class LocalChunkStore(ChunkStore):
             with self._env.begin(write=True, db=self._db) as txn:
                 for cid, loc in records:
                     added += txn.put(cid, loc, overwrite=False)
+            self._release_retired()
             return added
 
     def _writable(self) -> tuple[int, int]:
@@ -189,17 +233,46 @@ class LocalChunkStore(ChunkStore):
             return self._writer
         if self._writer is not None:
             # A full pack may hold records of the batch being written: make them durable
-            # before put_many commits index entries that point at them.
+            # before put_many commits index entries that point at them, and keep it locked
+            # until then (compaction must not take records the index does not name yet
+            # for garbage).
             os.fdatasync(self._writer[1])
-        self._drop_writer()
-        pack_id = secrets.randbits(64)
-        fd = os.open(self._pack_path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        # An exclusive lock marks the pack as being written (compaction skips locked packs).
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fsync_dir(self._packs)
-        self._writer = (pack_id, fd)
+            self._retired.append(self._writer[1])
+            self._writer = None
+        self._writer = self._new_pack()
         self._writer_size = 0
         return self._writer
+
+    def _new_pack(self) -> tuple[int, int]:
+        """A new, empty pack, locked before it appears under its name.
+
+        An exclusive flock marks a pack as being written; compaction skips locked packs. The
+        file is created under a temporary name, locked, then linked to its real name, so no
+        other process ever sees an unlocked pack that a writer is about to use.
+        """
+        tmp = self._packs / f".new-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                pack_id = secrets.randbits(64)
+                try:
+                    os.link(tmp, self._pack_path(pack_id))  # fails if the name is taken
+                    break
+                except FileExistsError:
+                    continue
+            fsync_dir(self._packs)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return pack_id, fd
+
+    def _release_retired(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
 
     def _flush(self, out: list[bytes | memoryview], out_len: int) -> None:
         if not out:
@@ -220,6 +293,7 @@ class LocalChunkStore(ChunkStore):
 
     def _drop_writer(self) -> None:
         """Stop appending to the current pack (after an error its tail is unknown)."""
+        self._release_retired()
         if self._writer is not None:
             os.close(self._writer[1])
             self._writer = None
@@ -231,6 +305,135 @@ class LocalChunkStore(ChunkStore):
             self._ensure_open()
             with self._env.begin(write=True, db=self._db) as txn:
                 return sum(bool(txn.delete(cid)) for cid in set(ids))
+
+    # -- compaction --------------------------------------------------------------
+    def compact(self, *, min_garbage: float = 0.2) -> CompactStats:
+        """Reclaim the bytes of deleted chunks and of killed writers' pack tails.
+
+        Every pack that no writer holds (writers keep theirs flock-ed until the index names
+        all its records) and whose garbage, the bytes no index entry points at, is at least
+        ``min_garbage`` of its size is rewritten: its live records are copied, each checked
+        against its id, into a new pack; the new pack is made durable; one index transaction
+        moves each entry that still points at the old place; then the old pack is removed.
+        A killed compaction leaves at worst an unreferenced copy, reclaimed by the next one.
+        Readers that looked a chunk up before its move look it up again. Safe alongside
+        readers, writers and other compactions in this and other processes.
+        """
+        with self._lock:
+            self._ensure_open()
+            stats = CompactStats()
+            live: dict[int, int] = {}
+            with self._env.begin(db=self._db) as txn:
+                for loc in txn.cursor().iternext(keys=False, values=True):
+                    pack_id, _, stored, _, _ = INDEX.unpack(loc)
+                    live[pack_id] = live.get(pack_id, 0) + RECORD.size + stored
+            mine = {self._writer[0]} if self._writer is not None else set()
+            held: dict[int, int] = {}  # pack id -> read fd holding its lock
+            try:
+                for path in sorted(self._packs.iterdir()):
+                    if path.name.startswith(".new-"):
+                        self._remove_orphan(path, stats)
+                        continue
+                    try:
+                        pack_id = int(path.stem, 16)
+                        size = path.stat().st_size
+                    except (ValueError, FileNotFoundError):
+                        continue
+                    if pack_id in mine or size - live.get(pack_id, 0) < min_garbage * max(size, 1):
+                        continue
+                    fd = self._lock_pack(path)
+                    if fd is not None:
+                        held[pack_id] = fd
+                        stats.bytes_before += size
+                if held:
+                    self._rewrite(held, stats)
+            finally:
+                for fd in held.values():
+                    os.close(fd)
+            return stats
+
+    @staticmethod
+    def _lock_pack(path: Path) -> int | None:
+        """A read fd holding ``path``'s exclusive lock, or None if a writer holds it (or it is gone)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _remove_orphan(self, path: Path, stats: CompactStats) -> None:
+        """Remove a ``.new-`` pack left by a writer killed before it named it."""
+        fd = self._lock_pack(path)
+        if fd is None:
+            return
+        try:
+            # Unlocked and unnamed: its creator died, or is between open and flock. Only
+            # the first is old.
+            st = os.fstat(fd)
+            if time.time() - st.st_mtime > _ORPHAN_AGE:
+                path.unlink(missing_ok=True)
+                stats.bytes_before += st.st_size
+        finally:
+            os.close(fd)
+
+    def _rewrite(self, held: dict[int, int], stats: CompactStats) -> None:
+        entries: list[tuple[ChunkId, bytes]] = []
+        with self._env.begin(db=self._db) as txn:
+            for cid, loc in txn.cursor().iternext(keys=True, values=True):
+                if INDEX.unpack_from(loc)[0] in held:
+                    entries.append((bytes(cid), bytes(loc)))
+        entries.sort(key=lambda e: INDEX.unpack(e[1])[:2])  # pack by pack, in file order
+        moves: list[tuple[ChunkId, bytes, bytes]] = []
+        keep: set[int] = set()
+        out: list[bytes | memoryview] = []
+        out_len = 0
+        try:
+            for cid, loc in entries:
+                pack_id, offset, stored, raw, codec = INDEX.unpack(loc)
+                try:
+                    self._read(cid, loc, held)  # verify before the copy becomes the only one
+                except ChunkCorruptError:
+                    # Leave it, and its pack, where they are: the error stays visible to
+                    # readers and to scrubbing instead of being silently dropped.
+                    keep.add(pack_id)
+                    stats.corrupt.append(cid.hex())
+                    continue
+                blob = os.pread(held[pack_id], RECORD.size + stored, offset)
+                new_pack, _ = self._writable()
+                moves.append((cid, loc, INDEX.pack(new_pack, self._writer_size + out_len, stored, raw, codec)))
+                out.append(blob)
+                out_len += len(blob)
+                if out_len >= _WRITE_BUFFER or len(out) >= _MAX_IOV or self._writer_size + out_len >= self.pack_limit:
+                    self._flush(out, out_len)
+                    out, out_len = [], 0
+            self._flush(out, out_len)
+            if moves:
+                os.fdatasync(self._writer[1])  # type: ignore[index]
+        except OSError as e:
+            self._drop_writer()
+            raise StoreError(f"compaction of {self.location} failed: {e}", self.location) from e
+        except BaseException:
+            self._drop_writer()
+            raise
+        with self._env.begin(write=True, db=self._db) as txn:
+            for cid, old, new in moves:
+                if txn.get(cid) == old:  # not deleted or moved by another process meanwhile
+                    txn.put(cid, new)
+                    stats.chunks_moved += 1
+                    stats.bytes_after += RECORD.size + INDEX.unpack(new)[2]
+        self._release_retired()
+        for pack_id, fd in held.items():
+            if pack_id in keep:
+                stats.bytes_after += os.fstat(fd).st_size
+                continue
+            self._pack_path(pack_id).unlink(missing_ok=True)
+            stats.packs_rewritten += 1
+        fsync_dir(self._packs)
 
     # -- lifecycle ---------------------------------------------------------------
     def _ensure_open(self) -> None:
