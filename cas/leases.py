@@ -21,7 +21,7 @@ A lease is live while its holder renews it: a holder rewrites it every ``ttl / 4
 from a thread, and others treat it as expired ``ttl`` seconds after its last renewal (by the
 holder's clock: clocks of hosts sharing a store must agree to within ``3 * ttl / 4``). On the
 holder's own host a lease whose process is gone is dead at once, so a killed persist blocks
-GC only on other hosts, and only for ``ttl``. The record format is in docs/format.md.
+GC only from other hosts, and only for ``ttl``. The record format is in docs/format.md.
 """
 
 from __future__ import annotations
@@ -80,11 +80,13 @@ class Lease:
     ttl: float
 
     def live(self, now: float) -> bool:
+        if now >= self.renewed + self.ttl:
+            return False  # not renewed in time: its holder is gone or cannot reach the store
         if self.host == HOST:
-            # Same machine, same boot: the holder is alive iff its process is (the start
-            # time tells a recycled pid apart).
+            # Same machine, same boot: a holder whose process is gone is gone now (the
+            # start time tells a recycled pid apart).
             return _start_time(self.pid) == self.start and self.start != ""
-        return now < self.renewed + self.ttl
+        return True
 
     def describe(self) -> str:
         age = time.time() - self.renewed
@@ -156,7 +158,10 @@ class Leases:
         finally:
             stop.set()
             thread.join()
-            self.refs.delete(name)
+            try:
+                self.refs.delete(name)
+            except CasError:
+                pass  # the store is unreachable: unrenewed, the lease expires after its ttl
 
     @contextmanager
     def shared(self, what: str, *, wait: float = 600.0) -> Iterator[None]:

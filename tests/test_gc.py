@@ -224,6 +224,21 @@ def test_leases_of_other_hosts_count_until_their_ttl_runs_out(tmp_path: Path) ->
     assert leases.break_dead() == 1 and refs.get("shared/fresh") is None
 
 
+def test_a_lease_of_a_live_process_that_stopped_renewing_it_expires(tmp_path: Path) -> None:
+    """A persist whose store went away could not delete its lease; the lease must not block
+    collections for as long as its (still running) process lives."""
+    from cas.leases import _start_time
+
+    refs = LocalRefStore(tmp_path / "leases")
+    me = json.loads(_lease_record(HOST, time.time()))
+    me.update(pid=os.getpid(), start=_start_time(os.getpid()))
+    refs.put("shared/mine", json.dumps(me).encode())
+    assert len(Leases(refs).live()) == 1
+    me["renewed"] = time.time() - 601
+    refs.put("shared/mine", json.dumps(me).encode())
+    assert Leases(refs).live() == []
+
+
 def test_a_held_lease_is_renewed(tmp_path: Path) -> None:
     leases = Leases(LocalRefStore(tmp_path / "leases"), ttl=0.4)
     with leases.shared("slow persist"):
