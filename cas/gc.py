@@ -55,7 +55,12 @@ def live_chunks(refs: RefStore, decode: Callable[[bytes], Manifest] = Manifest.d
     """(number of refs, every chunk id their manifests name). Raises GcError if any ref is unreadable."""
     live: set[ChunkId] = set()
     count = 0
-    for name in list(refs.names()):
+    try:
+        names = list(refs.names())
+    except CasError as e:
+        raise GcError(f"the refs of {refs.location} cannot all be listed, so nothing was deleted: {e}",
+                      refs.location) from e
+    for name in names:
         try:
             raw = refs.get(name)
             if raw is None:

@@ -20,8 +20,16 @@ from ..errors import StoreError, UnsupportedVersionError
 from ..fsutil import fsync_dir
 
 MAGIC = b"CASR"
-VERSION = 1
+VERSION = 2
 _HEAD = struct.Struct("<4sHI")  # magic, version, name length
+_SUM = 32  # BLAKE3 of everything before it: a flipped bit must not silently rename a chunk
+
+
+def encode(name: str, value: bytes) -> bytes:
+    """The bytes of one ref (docs/format.md, "Ref store")."""
+    enc = name.encode("utf-8", "surrogateescape")
+    body = _HEAD.pack(MAGIC, VERSION, len(enc)) + enc + value
+    return body + blake3.blake3(body).digest()
 
 
 class RefStore(ABC):
@@ -43,7 +51,8 @@ class RefStore(ABC):
 
     @abstractmethod
     def names(self, prefix: str = "") -> Iterator[str]:
-        """The names that start with ``prefix``."""
+        """The names that start with ``prefix``. A ref that cannot be read raises StoreError,
+        never silently left out: garbage collection must see every ref."""
 
     def close(self) -> None:
         """Release resources. The default does nothing."""
@@ -65,18 +74,16 @@ class LocalRefStore(RefStore):
             raw = self._file(name).read_bytes()
         except FileNotFoundError:
             return None
-        got, value = _decode(raw, str(self._file(name)))
+        got, value = decode(raw, str(self._file(name)))
         if got != name:
             raise StoreError(f"ref file {self._file(name)} holds {got!r}, not {name!r}", self.location)
         return value
 
     def put(self, name: str, value: bytes) -> None:
-        enc = name.encode("utf-8", "surrogateescape")
         tmp = self.root / f".tmp-{secrets.token_hex(8)}"
         try:
             with open(tmp, "wb") as f:
-                f.write(_HEAD.pack(MAGIC, VERSION, len(enc)) + enc)
-                f.write(value)
+                f.write(encode(name, value))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._file(name))
@@ -94,18 +101,22 @@ class LocalRefStore(RefStore):
         return True
 
     def names(self, prefix: str = "") -> Iterator[str]:
+        """Names starting with ``prefix``; StoreError if a ref file is damaged."""
         for f in sorted(self.root.iterdir()):
             if f.name.startswith("."):
                 continue
             try:
-                name, _ = _decode(f.read_bytes(), str(f))
-            except (FileNotFoundError, StoreError):
-                continue
+                name, _ = decode(f.read_bytes(), str(f))
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            # A damaged ref raises: skipping it would hide it from garbage collection, which
+            # would then delete the chunks it names.
             if name.startswith(prefix):
                 yield name
 
 
-def _decode(raw: bytes, where: str) -> tuple[str, bytes]:
+def decode(raw: bytes, where: str) -> tuple[str, bytes]:
+    """(name, value) of one encoded ref; StoreError if it is not whole and intact."""
     if len(raw) < _HEAD.size:
         raise StoreError(f"ref file {where} is truncated", where)
     magic, version, n = _HEAD.unpack_from(raw)
@@ -113,6 +124,10 @@ def _decode(raw: bytes, where: str) -> tuple[str, bytes]:
         raise StoreError(f"{where} is not a ref file", where)
     if version != VERSION:
         raise UnsupportedVersionError(f"ref file {where} has version {version}, this reads {VERSION}")
-    if _HEAD.size + n > len(raw):
+    if _HEAD.size + n + _SUM > len(raw):
         raise StoreError(f"ref file {where} is truncated", where)
-    return raw[_HEAD.size : _HEAD.size + n].decode("utf-8", "surrogateescape"), raw[_HEAD.size + n :]
+    body = memoryview(raw)[: len(raw) - _SUM]
+    if blake3.blake3(body).digest() != raw[len(raw) - _SUM :]:
+        raise StoreError(f"ref file {where} is damaged (checksum mismatch)", where)
+    return bytes(body[_HEAD.size : _HEAD.size + n]).decode("utf-8", "surrogateescape"), bytes(body[_HEAD.size + n :])
+
