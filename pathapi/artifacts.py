@@ -31,12 +31,25 @@ class ArtifactStore:
 
     @classmethod
     def open(cls, url: str | os.PathLike[str] | None, app_root: str | os.PathLike[str]) -> ArtifactStore:
-        """``None``: a folder under the app root; a path: that folder."""
+        """``None``: a folder under the app root; a path: that folder; ``s3://bucket/prefix``:
+        that prefix of an existing bucket (endpoint, credentials and region from the standard
+        AWS environment variables and config files; ``AWS_ENDPOINT_URL`` for S3-compatible
+        servers). The bucket is not created: a mistyped name raises StoreError instead of
+        quietly starting an empty store."""
         if url is None:
             url = FsPath(app_root) / "artifacts"
         text = os.fspath(url)
+        if text.startswith("s3://"):
+            from cas.store.s3 import S3Bucket, S3ChunkStore, S3RefStore
+
+            bucket, prefix = S3Bucket.from_url(text)
+            try:  # one client and thread pool for the three stores
+                return cls(S3ChunkStore(bucket, prefix + "chunks/"), S3RefStore(bucket, prefix + "refs/"),
+                           bucket.url(prefix).rstrip("/"), S3RefStore(bucket, prefix + "leases/"))
+            finally:
+                bucket.release()
         if "://" in text and not text.startswith("file://"):
-            raise ValueError(f"unsupported artifact store {text!r}: give a folder (S3 stores are not available yet)")
+            raise ValueError(f"unsupported artifact store {text!r}: give a folder or s3://bucket/prefix")
         root = FsPath(text.removeprefix("file://")).absolute()
         return cls(LocalChunkStore(root / "chunks"), LocalRefStore(root / "refs"), str(root), LocalRefStore(root / "leases"))
 

@@ -3,10 +3,14 @@
     python _gc_child.py lease <leases dir> <shared|exclusive>
         Take a lease, print ``held``, and hold it until stdin closes (or the process is killed).
 
-    python _gc_child.py persist <app root> <tree dir> <versions> <seed>
+    python _gc_child.py persist <app root> <tree dir> <versions> <seed> [<store url>]
         Write ``versions`` successive versions of a small tree and persist each as
-        ``writer/tree`` into the app root's artifact store; print ``persisted <i> <manifest id>``
-        after each, then ``done``.
+        ``writer/tree`` into the artifact store (the app root's, or the URL's: S3 reads the
+        AWS environment variables); print ``persisted <i> <manifest id>`` after each, then
+        ``done``.
+
+    python _gc_child.py s3lease <store url> <shared|exclusive>
+        As ``lease``, in the leases of an S3 artifact store.
 
 Output lines are whole ``print`` calls, flushed at once.
 """
@@ -40,8 +44,11 @@ def write_version(tree: Path, rng: random.Random) -> None:
 
 def main() -> None:
     mode = sys.argv[1]
-    if mode == "lease":
-        leases = Leases(LocalRefStore(sys.argv[2]))
+    if mode in ("lease", "s3lease"):
+        if mode == "lease":
+            leases = Leases(LocalRefStore(sys.argv[2]))
+        else:
+            leases = ArtifactStore.open(sys.argv[2], ".").leases
         hold = leases.shared("test holder") if sys.argv[3] == "shared" else leases.exclusive("test holder")
         with hold:
             print("held", flush=True)
@@ -50,7 +57,7 @@ def main() -> None:
     if mode == "persist":
         app_root, tree, versions, seed = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
         rng = random.Random(seed)
-        store = ArtifactStore.open(None, app_root)
+        store = ArtifactStore.open(sys.argv[6] if len(sys.argv) > 6 else None, app_root)
         with Workspace(app_root / "ws") as ws:
             for i in range(versions):
                 write_version(tree, rng)
