@@ -250,6 +250,16 @@ def consumer_leftovers(root: FsPath) -> list[str]:
     return sorted(str(p.relative_to(txn)) for p in txn.rglob("*")) + ([] if not txn.exists() else ["txn"])
 
 
+def persisted(app_root: FsPath, rel: str) -> bool:
+    """Whether the source's ``rel`` has a manifest in the app's artifact store (a look below
+    the API: the flow cannot otherwise know when a background persist landed)."""
+    store = ArtifactStore.open(None, app_root)
+    try:
+        return store.manifest(SOURCE, rel) is not None
+    finally:
+        store.close()
+
+
 def wait_for(cond: Any, limit: float, what: str) -> None:
     t0 = time.monotonic()
     while not cond():
@@ -274,6 +284,9 @@ def test_origin_killed_mid_transfer_leaves_the_consumer_files_as_before(tmp_path
         con.wait()
         flow.log["v1"] = src.digest
         flow.log["before"] = dict(con.tree)
+        # The fallback below needs v1 persisted; on a loaded machine the background persist
+        # (nice 10) may still be running when the origin is killed.
+        wait_for(lambda: persisted(flow.log["root"], "data.bin"), 120, "the origin to persist v1")
         src.run("write", version=2, size=size, delay=0.4 if slowed else 0.0)
         flow.log["v2"] = src.digest
         stage = flow.log["root"] / "state" / CONSUMER / "txn" / "stage"
