@@ -1,10 +1,14 @@
 """Snapshot pipeline against its physical limit, in one run (ratios, not absolute seconds).
 
-    python -m bench.snapshot [--size-gib 1] [--rss-gib 4] [--dir DIR]
+    python -m bench --scenarios snapshot [--size 1G]      (part of the suite)
+    python -m bench.snapshot [--size-gib 1] [--rss-gib 4] [--dir DIR]   (alone, prints JSON)
 
 Reports: read+chunk+hash throughput of a file in page cache vs FastCDC alone and BLAKE3 alone
-on the same in-memory buffer; re-snapshot time of the unchanged tree (stat cache); peak RSS of
-a child process snapshotting a larger file.
+on the same in-memory buffer, and vs FastCDC and BLAKE3 running *at the same time on two
+threads* over that buffer: the pipeline must do both to every byte, so that is this machine's
+real ceiling (its two vCPUs do not give two cores' worth of work: ~1.5 here). Also the
+re-snapshot time of the unchanged tree (stat cache) and the peak RSS of a child process
+snapshotting a larger file.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,8 +50,18 @@ def _best(fn, repeat: int = 3) -> float:
     return best
 
 
-def _stage_times(path: Path) -> tuple[float, float, float]:
-    """FastCDC alone, BLAKE3 alone (1 and 2 threads) on the file's bytes in memory."""
+def _both(cdc: FastCDC, mv: memoryview) -> None:
+    """FastCDC over the buffer on this thread while BLAKE3 hashes it on another (both
+    release the GIL): the work a two-stage pipeline does, with nothing but the CPUs in the way."""
+    t = threading.Thread(target=lambda: blake3.blake3(mv).digest())
+    t.start()
+    sum(1 for _ in cdc.cut_buf(mv))
+    t.join()
+
+
+def _stage_times(path: Path) -> tuple[float, float, float, float]:
+    """FastCDC alone, BLAKE3 alone (1 and 2 threads), and FastCDC + BLAKE3 concurrently on
+    two threads, on the file's bytes in memory."""
     buf = bytearray(path.stat().st_size)
     with open(path, "rb", buffering=0) as f:
         f.readinto(buf)
@@ -56,33 +72,38 @@ def _stage_times(path: Path) -> tuple[float, float, float]:
         _best(lambda: sum(1 for _ in cdc.cut_buf(mv))),
         _best(lambda: blake3.blake3(mv).digest()),
         _best(lambda: blake3.blake3(mv, max_threads=2).digest()),
+        _best(lambda: _both(cdc, mv)),
     )
 
 
 def bench_throughput(path: Path) -> dict[str, float]:
     size = path.stat().st_size
-    t_cdc, t_b3, t_b3_2 = _stage_times(path)
-    state = Path(tempfile.mkdtemp(prefix="bench-snap-"))
+    t_cdc, t_b3, t_b3_2, t_both = _stage_times(path)
+    state = Path(tempfile.mkdtemp(prefix="bench-snap-", dir=path.parent))
 
     def snap() -> None:
         with Workspace(state / str(time.perf_counter_ns())) as ws:  # fresh stat cache: full read+chunk+hash
             ws.snapshot(path)
 
     t_snap = _best(snap)
+    shutil.rmtree(state, ignore_errors=True)
     gb = size / 1e9
     return {
         "size_bytes": size,
         "fastcdc_GBps": gb / t_cdc,
         "blake3_1t_GBps": gb / t_b3,
         "blake3_2t_GBps": gb / t_b3_2,
+        "fastcdc_and_blake3_concurrently_GBps": gb / t_both,
         "snapshot_GBps": gb / t_snap,
-        # A two-stage pipeline (cut on one core, hash on the other) is bounded by its slower stage.
+        # A two-stage pipeline (cut on one core, hash on the other) is bounded by its slower
+        # stage on two real cores; on this VM, by both stages sharing ~1.5 cores' worth.
         "snapshot_vs_slower_stage": (gb / t_snap) / min(gb / t_cdc, gb / t_b3),
+        "snapshot_vs_concurrent_ceiling": (gb / t_snap) / (gb / t_both),
     }
 
 
 def bench_resnapshot(root: Path) -> dict[str, float]:
-    state = Path(tempfile.mkdtemp(prefix="bench-resnap-"))
+    state = Path(tempfile.mkdtemp(prefix="bench-resnap-", dir=root.parent))
     with Workspace(state) as ws:
         m1 = ws.snapshot(root)
         t = _best(lambda: ws.snapshot(root), repeat=5)
@@ -107,6 +128,23 @@ def bench_rss(path: Path) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", _CHILD, str(path), state], check=True, capture_output=True, text=True)
     rss, dt, size = out.stdout.split()
     return {"rss_file_bytes": int(size), "peak_rss_MiB": int(rss) / (1 << 20), "seconds": float(dt)}
+
+
+def run(base: Path, size: int) -> dict[str, object]:
+    """The suite's ``snapshot`` scenario: throughput and re-snapshot of a ``size`` file of
+    random bytes (in page cache: the pipeline, not the disk, is measured)."""
+    tree = base / "tree"
+    tree.mkdir(parents=True)
+    one = tree / "weights.bin"
+    _make_file(one, size)
+    try:
+        out = {"throughput": bench_throughput(one), "resnapshot": bench_resnapshot(tree)}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    t = out["throughput"]
+    print(f"  snapshot: pipeline {t['snapshot_GBps']:.2f} GB/s; FastCDC {t['fastcdc_GBps']:.2f}, BLAKE3 "
+          f"{t['blake3_1t_GBps']:.2f}, both at once {t['fastcdc_and_blake3_concurrently_GBps']:.2f} GB/s", file=sys.stderr)
+    return out
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ KiB = 1024
 MiB = 1024 * KiB
 
 _LEN = struct.Struct("<I")
-RECORD_SIZE = ID_SIZE + _LEN.size
+_RECORD = struct.Struct(f"<{ID_SIZE}sI")  # one record of a packed chunk list: id, length
+RECORD_SIZE = _RECORD.size
 
 ALGORITHM_FASTCDC2020 = 1
 
@@ -78,9 +79,7 @@ def pack_chunks(refs: list[tuple[ChunkId, int]]) -> bytes:
 
 def iter_chunks(packed: bytes) -> Iterator[tuple[ChunkId, int]]:
     """(id, length) of each record of a packed chunk list."""
-    mv = memoryview(packed)
-    for off in range(0, len(packed), RECORD_SIZE):
-        yield bytes(mv[off : off + ID_SIZE]), _LEN.unpack_from(mv, off + ID_SIZE)[0]
+    return _RECORD.iter_unpack(packed)  # in C: a generator here cost ~1 us per record
 
 
 def iter_chunk_spans(packed: bytes) -> Iterator[tuple[ChunkId, int, int]]:

@@ -62,6 +62,11 @@ def decompress(codec: int, payload: bytes | memoryview, raw_len: int, chunk_hex:
         return payload
     if codec == CODEC_ZSTD:
         try:
+            # The frame header's content size is what zstd allocates: a forged one (2**40)
+            # must be refused before that, not after.
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (-1, raw_len):
+                raise ChunkCorruptError(f"chunk {chunk_hex}: zstd frame declares {declared} bytes, expected {raw_len}", chunk_hex)
             out = _dctx().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise ChunkCorruptError(f"chunk {chunk_hex}: zstd payload does not decode: {e}", chunk_hex) from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import blake3
 
+from .errors import ChunkCorruptError
+
 BLOCK_SIZE = 8 * 1024
 DIGEST_SIZE = 16
 #: A delta is sent only if it leaves out at least this fraction of the chunk.
@@ -46,13 +48,20 @@ def encode(new: bytes | memoryview, base_digests: bytes, block: int = BLOCK_SIZE
 
 
 def apply(payload: bytes | memoryview, base: bytes | memoryview, length: int, block: int = BLOCK_SIZE) -> bytes:
-    """Rebuild a ``length``-byte chunk from a delta and the base bytes. ValueError if the
-    payload does not fit (the caller then verifies the result's id anyway)."""
+    """Rebuild a ``length``-byte chunk from a delta and the base bytes.
+    :class:`~cas.errors.ChunkCorruptError` (a ValueError) if the payload does not fit (the
+    caller then verifies the result's id anyway)."""
+    if block <= 0 or length < 0:
+        raise ChunkCorruptError(f"delta of {length} bytes in blocks of {block}: not a valid shape")
     nblocks = (length + block - 1) // block
     pmv = memoryview(payload)
-    bmap = pmv[: (nblocks + 7) // 8]
-    pos = len(bmap)
+    pos = (nblocks + 7) // 8
+    if len(pmv) < pos:
+        raise ChunkCorruptError(f"delta of {len(pmv)} bytes is shorter than its {pos}-byte bitmap")
+    bmap = pmv[:pos]
     bmv = memoryview(base)
+    if length > len(bmv) + len(pmv) - pos:  # every block comes from one or the other
+        raise ChunkCorruptError(f"a {length}-byte chunk cannot be rebuilt from {len(pmv)} delta and {len(bmv)} base bytes")
     out = bytearray(length)
     for i in range(nblocks):
         start = i * block
@@ -63,8 +72,8 @@ def apply(payload: bytes | memoryview, base: bytes | memoryview, length: int, bl
         else:
             piece = bmv[start : start + n]
         if len(piece) != n:
-            raise ValueError(f"delta block {i} is {len(piece)} bytes, expected {n}")
+            raise ChunkCorruptError(f"delta block {i} is {len(piece)} bytes, expected {n}")
         out[start : start + n] = piece
     if pos != len(pmv):
-        raise ValueError(f"delta has {len(pmv) - pos} bytes left over")
+        raise ChunkCorruptError(f"delta has {len(pmv) - pos} bytes left over")
     return bytes(out)

@@ -40,12 +40,17 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def syncfs(fd: int) -> bool:
+    """Make every file of ``fd``'s filesystem durable (syncfs(2)); False where that is not
+    available or failed (the caller then fsyncs its files one by one)."""
+    return _syncfs is not None and _syncfs(fd) == 0
+
+
 def sync_files(fds: Iterable[int], many: int = 32) -> None:
     """fsync each file, or one syncfs(2) of their filesystem when there are many of them."""
     fds = list(fds)
-    if len(fds) > many and _syncfs is not None:
-        if _syncfs(fds[0]) == 0:
-            return
+    if len(fds) > many and syncfs(fds[0]):
+        return
     for fd in fds:
         os.fsync(fd)
 
@@ -95,3 +100,26 @@ def remove_any(path: str) -> None:
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+def open_beneath(base: str, path: str, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` (absolute, under the folder ``base``) following no symlink below ``base``.
+
+    ``O_NOFOLLOW`` alone guards only the last component: a folder on the way swapped for a
+    link after a snapshot would lead outside. Here every component after ``base`` is opened
+    relative to its parent's descriptor with ``O_NOFOLLOW``, so a link anywhere below
+    ``base`` fails with ELOOP (or ENOTDIR). ``base`` itself is resolved normally.
+    """
+    rel = os.path.relpath(path, base)
+    parts = rel.split(os.sep)
+    if rel == "." or rel.startswith("..") or "" in parts:
+        raise ValueError(f"{path!r} is not below {base!r}")
+    dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nxt
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)

@@ -48,6 +48,7 @@ class Kind(IntEnum):
 
 
 _KINDS = frozenset(Kind)
+_KIND_OF = {int(k): k for k in Kind}  # a dict lookup: Kind(n) costs ~1 us per entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +139,16 @@ class Manifest:
         return sum(e.size for e in self.files())
 
     def chunk_ids(self) -> set[ChunkId]:
-        return {cid for e in self.files() for cid, _ in iter_chunks(e.chunks)}
+        return set(self._chunk_sizes)
 
     def chunk_sizes(self) -> dict[ChunkId, int]:
+        """Chunk id -> length, in order of first use (a new dict: callers may change it)."""
+        return dict(self._chunk_sizes)
+
+    @cached_property
+    def _chunk_sizes(self) -> dict[ChunkId, int]:
+        # Asked for several times per transfer (planning, the remote source, the record):
+        # built once per manifest.
         return {cid: n for e in self.files() for cid, n in iter_chunks(e.chunks)}
 
     def __repr__(self) -> str:
@@ -215,7 +223,9 @@ def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
             pos += _ENTRY.size
             path = _take(data, pos, plen).decode("utf-8")
             pos += plen
-            kind = Kind(kind_no)
+            kind = _KIND_OF.get(kind_no)
+            if kind is None:
+                raise ManifestError(f"bad manifest entry at byte {pos}: {kind_no} is not a valid Kind")
             if flags & ~FLAG_EXECUTABLE:
                 raise ManifestError(f"{path!r}: unknown flags {flags:#x}")
             if kind == Kind.FILE:
@@ -275,6 +285,23 @@ def check_relpath(path: str) -> list[str]:
     return parts
 
 
+def plain_name(name: str, top: bool = False) -> bool:
+    """Whether ``name`` is a path component :func:`check_relpath` accepts (``top``: the
+    first component of a path), by a quick test that holds for nearly every real name: ASCII,
+    1 to 255 characters, not ``.`` or ``..``, no NUL or backslash (and no ``/``), no drive
+    letter. False means "not known to be plain": ask :func:`check_relpath`."""
+    return (
+        name.isascii()
+        and 0 < len(name) <= MAX_NAME_BYTES
+        and name != "."
+        and name != ".."
+        and "/" not in name
+        and "\x00" not in name
+        and "\\" not in name
+        and not (top and len(name) > 1 and name[1] == ":" and name[0] in _ASCII_LETTERS)
+    )
+
+
 def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams) -> None:
     if root_kind not in (Kind.DIR, Kind.FILE):
         raise ManifestError(f"manifest root must be a directory or a file, not {root_kind!r}")
@@ -290,10 +317,18 @@ def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams
             raise ManifestError(f"{what} entry {e.path!r} (entries must be strictly sorted)")
         prev = key
         if root_kind == Kind.DIR:
-            parts = check_relpath(e.path)
-            parent = "/".join(parts[:-1])
-            if parent and kinds.get(parent) != Kind.DIR:
-                raise ManifestError(f"{e.path!r}: its parent {parent!r} is not a directory entry")
+            # Fast path: a parent that is a directory entry passed these checks already, so
+            # only the last name (and the whole length) is new. Anything else: the full check.
+            parent, sep, name = e.path.rpartition("/")
+            if not (
+                (kinds.get(parent) == Kind.DIR if sep else True)
+                and len(key) <= MAX_PATH_BYTES
+                and plain_name(name, top=not sep)
+            ):
+                parts = check_relpath(e.path)
+                parent = "/".join(parts[:-1])
+                if parent and kinds.get(parent) != Kind.DIR:
+                    raise ManifestError(f"{e.path!r}: its parent {parent!r} is not a directory entry")
         kinds[e.path] = e.kind
         if e.kind not in _KINDS:
             raise ManifestError(f"{e.path!r}: unknown entry kind {e.kind!r}")
@@ -308,6 +343,8 @@ def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams
             if total != e.size:
                 raise ManifestError(f"{e.path!r}: size {e.size} but its chunks hold {total} bytes")
     links = [e for e in entries if e.kind == Kind.SYMLINK]
+    if not links:
+        return
     for e in links:  # bound every target before resolving any (resolution expands targets)
         _check_target(e.path, e.target)
     by_path = {e.path: e for e in entries}

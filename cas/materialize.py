@@ -20,6 +20,7 @@ The journal format is specified in docs/format.md ("Materialize journal").
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -27,16 +28,29 @@ import shutil
 import stat
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .chunking import iter_chunk_spans
-from .errors import ChunkError, ChunkNotFoundError, MaterializeError, UnsupportedVersionError
-from .fsutil import fsync_dir, preallocate, pwrite_all, remove_any, reserve, start_writeback, sync_files
+from .chunking import iter_chunk_spans, pack_chunks
+from .errors import (
+    ChunkError,
+    ChunkNotFoundError,
+    MaterializeError,
+    UnsupportedVersionError,
+)
+from .fsutil import (
+    fsync_dir,
+    preallocate,
+    pwrite_all,
+    remove_any,
+    reserve,
+    start_writeback,
+    syncfs,
+)
 from .hashing import ChunkId
-from .manifest import Kind, Manifest
+from .manifest import MAX_PATH_BYTES, Kind, Manifest
 from .plan import Action, plan_update
 from .sources import SeedSource
 from .store.base import ChunkSource
@@ -50,6 +64,11 @@ FILE_MODE = 0o644
 #: phase 1 does not begin from a whole file of dirty pages).
 WRITEBACK_EVERY = 32 << 20
 BACKDATE_NS = 1_000_000_000
+#: Files phase 1 keeps open at once (it may write many more; see ``_OpenFiles``).
+MAX_OPEN_FILES = 64
+#: More staged files (or touched folders) than this are made durable by one syncfs(2), not
+#: an fsync each.
+SYNCFS_MIN_FILES = 32
 EXEC_MODE = 0o755
 
 _thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -98,7 +117,14 @@ def recover(state_dir: str | os.PathLike[str]) -> bool:
     if os.path.exists(ops_path):
         with open(ops_path, "rb") as f:
             journal = _load_journal(f.read(), ops_path)
-        _apply(journal["dest"], txn, journal["ops"])
+        try:
+            _apply(journal["dest"], txn, journal["ops"])
+        except MaterializeError:
+            raise
+        except OSError as e:  # say which journal could not be finished, keep the errno
+            err = MaterializeError(f"cannot finish the sync into {journal['dest']} recorded in {ops_path}: {e}", journal["dest"])
+            err.errno = e.errno
+            raise err from e
         replayed = True
     if os.path.lexists(txn):
         if replayed:
@@ -136,14 +162,31 @@ def _resume_source(state: str) -> SeedSource | None:
         files = [
             (os.path.join(resume, "stage", name), by_path[rel].chunks)
             for name, rel in index["stages"].items()
-            if rel in by_path and by_path[rel].kind == Kind.FILE and "/" not in name
+            if _stage_name(name) and rel in by_path and by_path[rel].kind == Kind.FILE
         ]
+        if index.get("data"):  # the journal data file: the chunks of in-place patches, end to end
+            sizes = target.chunk_sizes()
+            ids = [bytes.fromhex(h) for h in index["data"]]
+            files.append((os.path.join(resume, "data"), pack_chunks([(cid, sizes[cid]) for cid in ids])))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         shutil.rmtree(resume, ignore_errors=True)
         return None
-    return SeedSource.from_files(files, f"resume:{resume}")
+    # Only regular files are read (opening a FIFO left there would block the sync forever).
+    return SeedSource.from_files([(p, c) for p, c in files if _is_regular(p)], f"resume:{resume}")
+
+
+def _stage_name(name: object) -> bool:
+    """Whether ``name`` is a staged file's name as materialize writes it (8 ASCII digits)."""
+    return isinstance(name, str) and len(name) == 8 and name.isascii() and name.isdigit()
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def materialize(
@@ -170,6 +213,7 @@ def materialize(
     dest = os.path.abspath(dest)
     state = os.path.abspath(state_dir)
     _check_same_filesystem(dest, state)
+    _check_path_lengths(target, dest)
     plan = plan_update(local, target)
     txn = os.path.join(state, "txn")
     os.makedirs(os.path.join(txn, "stage"))
@@ -205,6 +249,28 @@ def materialize(
     )
 
 
+#: The kernel's PATH_MAX counts the terminating NUL: a path passed to it has at most 4095 bytes.
+_PATH_MAX = 4095
+
+
+def _check_path_lengths(target: Manifest, dest: str) -> None:
+    """Refuse, before anything is staged, a tree whose paths the kernel cannot name under ``dest``.
+
+    A manifest path may be up to 4096 bytes; with ``dest`` in front it can exceed PATH_MAX,
+    and a journal naming it could never be applied (every later sync would fail replaying it).
+    """
+    base = len(os.fsencode(dest)) + 1
+    for e in target.entries:
+        if e.path and base + len(os.fsencode(e.path)) > _PATH_MAX:
+            err = MaterializeError(
+                f"{e.path[:80]!r}... is too long to create under {dest} ({base + len(os.fsencode(e.path))} bytes, "
+                f"the limit is {_PATH_MAX}); nothing at {dest} was changed",
+                dest,
+            )
+            err.errno = errno.ENAMETOOLONG
+            raise err
+
+
 def _check_same_filesystem(dest: str, state: str) -> None:
     probe = dest
     while not os.path.lexists(probe):
@@ -234,12 +300,12 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
     # takes them sends changed chunks as block deltas against those bytes.
     bases: dict[ChunkId, tuple[str, int]] = {}
     out = _Prepared(ops=[])
-    targets: dict[ChunkId, list[tuple[int, int]]] = defaultdict(list)  # id -> (fd, offset)
+    targets: dict[ChunkId, list[tuple[int, int]]] = defaultdict(list)  # id -> (file slot, offset)
     sizes: dict[ChunkId, int] = {}
-    fds: list[int] = []
-    staged: list[tuple[int, str]] = []
+    files = _OpenFiles()
+    staged: list[tuple[int, str]] = []  # (file slot, rel)
     stage_names: list[tuple[str, str]] = []
-    data_fd = -1
+    data_fd = -1  # the journal data file's slot
     data_slots: dict[ChunkId, int] = {}
     data_len = 0
     try:
@@ -254,14 +320,15 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                 out.ops.append(["chmod", rel, e.executable])
             elif step.action == Action.PLACE:
                 name = f"{i:08d}"
-                fd = os.open(os.path.join(txn, "stage", name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                fds.append(fd)
-                staged.append((fd, rel))
-                os.fchmod(fd, EXEC_MODE if e.executable else FILE_MODE)
-                preallocate(fd, e.size)
+                # Created at its first write, so a file's create, writes and close come
+                # together (not 100k creates, then 100k reopens). A single-chunk file is
+                # written by one pwrite: pre-allocating it first would save nothing.
+                slot = files.add(os.path.join(txn, "stage", name), EXEC_MODE if e.executable else FILE_MODE,
+                                 e.size if e.chunk_count > 1 else 0)
+                staged.append((slot, rel))
                 old = old_files.get(rel)
                 for cid, off, n in iter_chunk_spans(e.chunks):
-                    targets[cid].append((fd, off))
+                    targets[cid].append((slot, off))
                     sizes[cid] = n
                     if old is not None and old.kind == Kind.FILE and off < old.size:
                         bases.setdefault(cid, (_under(dest, rel), off))
@@ -269,8 +336,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                 stage_names.append((name, rel))
             elif step.action == Action.PATCH:
                 if data_fd < 0:
-                    data_fd = os.open(os.path.join(txn, "data"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    fds.append(data_fd)
+                    data_fd, _ = files.create(os.path.join(txn, "data"))
                 patches = []
                 for off, n, cid in step.ranges:
                     bases.setdefault(cid, (_under(dest, rel), off))
@@ -284,19 +350,20 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                 _reserve_growth(_under(dest, rel), e.size)
                 out.ops.append(["patch", rel, e.size, e.executable, patches])
         if data_fd >= 0:
-            preallocate(data_fd, data_len)
-        _write_resume_index(txn, target, {name: rel for name, rel in stage_names})
+            preallocate(files.fd(data_fd), data_len)
+        _write_resume_index(txn, target, {name: rel for name, rel in stage_names}, list(data_slots))
 
         dirty: dict[int, int] = defaultdict(int)
 
         def put(cid: ChunkId, data: bytes | bytearray | memoryview) -> None:
-            for fd, off in targets[cid]:
+            for slot, off in targets[cid]:
+                fd = files.fd(slot)
                 pwrite_all(fd, data, off)
                 out.bytes_written += len(data)
-                dirty[fd] += len(data)
-                if dirty[fd] >= WRITEBACK_EVERY:
+                dirty[slot] += len(data)
+                if dirty[slot] >= WRITEBACK_EVERY:
                     start_writeback(fd)
-                    dirty[fd] = 0
+                    dirty[slot] = 0
 
         remaining = set(targets)
         for src in sources:
@@ -335,16 +402,85 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                     f"for {dest}, e.g. {missing.hex()}",
                     missing.hex(),
                 )
-        for fd, _ in staged:
-            _backdate(fd)
-        sync_files(fds)
-        for fd, rel in staged:
-            st = os.fstat(fd)
+        files.create_rest()  # the empty ones
+        for slot, _ in staged:
+            _backdate(files.paths[slot])  # by path: no descriptor to open again
+        files.sync()
+        for slot, rel in staged:
+            st = os.stat(files.paths[slot])
             out.written[rel] = (st.st_size, st.st_mtime_ns)
         return out
     finally:
-        for fd in fds:
-            os.close(fd)
+        files.close()
+
+
+class _OpenFiles:
+    """The files phase 1 writes (staged files, the journal data file), by slot, created and
+    opened on demand: at most ``limit`` descriptors are open at once, however many files a
+    tree has (a tree of 100k small files must not need 100k descriptors; a common limit is
+    1024). Closing a file loses nothing: its dirty pages are made durable by :meth:`sync`."""
+
+    def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
+        self.limit = limit
+        self.paths: list[str] = []
+        self._open: OrderedDict[int, int] = OrderedDict()  # slot -> fd, least recently used first
+        self._later: dict[int, tuple[int, int]] = {}  # slot -> (mode, bytes to pre-allocate): not created yet
+
+    def add(self, path: str, mode: int, size: int) -> int:
+        """A file to create at its first use (it must not exist), with ``mode``, and ``size``
+        bytes pre-allocated (0: none). Its slot."""
+        self.paths.append(path)
+        self._later[len(self.paths) - 1] = (mode, size)
+        return len(self.paths) - 1
+
+    def create_rest(self) -> None:
+        """Create the files added but never used."""
+        for slot in list(self._later):
+            self.fd(slot)
+
+    def create(self, path: str) -> tuple[int, int]:
+        """Create ``path`` (it must not exist): its slot, and a descriptor valid until the
+        next call on this object."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.paths.append(path)
+        return self._keep(len(self.paths) - 1, fd), fd
+
+    def fd(self, slot: int) -> int:
+        """A descriptor of the file in ``slot``, valid until the next call on this object."""
+        fd = self._open.get(slot)
+        if fd is not None:
+            self._open.move_to_end(slot)
+            return fd
+        later = self._later.pop(slot, None)
+        if later is None:
+            fd = os.open(self.paths[slot], os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._keep(slot, fd)
+            return fd
+        fd = os.open(self.paths[slot], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._keep(slot, fd)
+        mode, size = later
+        os.fchmod(fd, mode)
+        preallocate(fd, size)
+        return fd
+
+    def _keep(self, slot: int, fd: int) -> int:
+        self._open[slot] = fd
+        while len(self._open) > self.limit:
+            os.close(self._open.popitem(last=False)[1])
+        return slot
+
+    def sync(self) -> None:
+        """Make every file durable: one syncfs(2) of their filesystem when there are many
+        (as :func:`sync_files` does), else an fsync of each."""
+        slots = range(len(self.paths))
+        if len(slots) > SYNCFS_MIN_FILES and syncfs(self.fd(0)):
+            return
+        for slot in slots:
+            os.fsync(self.fd(slot))
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
 
 
 def _under(dest: str, rel: str) -> str:
@@ -352,19 +488,23 @@ def _under(dest: str, rel: str) -> str:
     return os.path.join(dest, rel) if rel else dest
 
 
-def _write_resume_index(txn: str, target: Manifest, stages: dict[str, str]) -> None:
-    """What the staged files are meant to hold, so an interrupted sync can be resumed. Not
-    fsynced: it only ever saves work, and every chunk read back through it is verified."""
+def _write_resume_index(txn: str, target: Manifest, stages: dict[str, str], data: list[ChunkId]) -> None:
+    """What the staged files (and the journal data file: ``data``, its chunks in order) are
+    meant to hold, so an interrupted sync can be resumed. Not fsynced: it only ever saves
+    work, and every chunk read back through it is verified."""
     with open(os.path.join(txn, "target"), "wb") as f:
         f.write(target.encode())
-    body = json.dumps({"format": RESUME_FORMAT, "version": JOURNAL_VERSION, "stages": stages}, ensure_ascii=False)
+    index: dict[str, object] = {"format": RESUME_FORMAT, "version": JOURNAL_VERSION, "stages": stages}
+    if data:
+        index["data"] = [cid.hex() for cid in data]
+    body = json.dumps(index, ensure_ascii=False)
     tmp = os.path.join(txn, RESUME_INDEX + ".tmp")
     with open(tmp, "wb") as f:
         f.write(body.encode("utf-8", "surrogateescape"))
     os.rename(tmp, os.path.join(txn, RESUME_INDEX))
 
 
-def _backdate(fd: int) -> None:
+def _backdate(fd: int | str) -> None:
     """Set a finished file's mtime one second into the past.
 
     Its bytes are final, and no later write can carry that mtime again (a write stamps
@@ -401,13 +541,70 @@ def _commit(txn: str, dest: str, ops: list[list[object]]) -> None:
 
 
 def _load_journal(raw: bytes, where: str) -> dict:  # type: ignore[type-arg]
+    """The journal in ``raw``, checked whole before any operation is applied: every path
+    relative and inside ``dest``, every field of the type and range its operation needs.
+    MaterializeError (UnsupportedVersionError for another format) otherwise."""
     try:
         journal = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise MaterializeError(f"journal {where} is not readable: {e}", where) from None
+    if not isinstance(journal, dict):
+        raise MaterializeError(f"journal {where} is not a journal: a JSON {type(journal).__name__}", where)
     if journal.get("format") != JOURNAL_FORMAT or journal.get("version") != JOURNAL_VERSION:
         raise UnsupportedVersionError(f"journal {where} has format {journal.get('format')!r} version {journal.get('version')!r}")
+    dest, ops = journal.get("dest"), journal.get("ops")
+    if not isinstance(dest, str) or "\x00" in dest or not os.path.isabs(dest) or os.path.normpath(dest) != dest:
+        raise MaterializeError(f"journal {where}: destination {dest!r} is not a normalized absolute path", where)
+    if not isinstance(ops, list):
+        raise MaterializeError(f"journal {where}: its operations are not a list", where)
+    for i, op in enumerate(ops):
+        problem = _bad_op(op)
+        if problem:
+            raise MaterializeError(f"journal {where}: operation {i} {str(op)[:200]}: {problem}", where)
     return journal  # type: ignore[no-any-return]
+
+
+_ARITY = {"rm": 2, "mkdir": 2, "place": 3, "patch": 5, "link": 3, "chmod": 3}
+_OFF_MAX = 2**63 - 1  # what a file offset or size can be (off_t)
+_RANGE_MAX = 16 << 20  # a patch range is one chunk: at most the largest max_size
+
+
+def _bad_op(op: object) -> str:
+    """Why ``op`` is not a valid journal operation, or "" if it is one."""
+    if not isinstance(op, list) or not op or not isinstance(op[0], str) or _ARITY.get(op[0]) != len(op):
+        return "not a known operation with its fields"
+    kind = op[0]
+    rel = op[2] if kind == "place" else op[1]
+    if not isinstance(rel, str):
+        return "its path is not a string"
+    # Inside dest: relative, no "", "." or ".." component, no NUL. Not the manifest rules:
+    # a removal may name a foreign entry ("a\\b", "C:x" are plain names on Linux).
+    if rel and (rel.startswith("/") or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/"))):
+        return "its path is not inside the destination"
+    if len(rel.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        return "its path is too long"
+    if kind == "place" and not _stage_name(op[1]):
+        return "not a staged file's name"
+    if kind == "link":
+        target = op[2]
+        if not isinstance(target, str) or not target or target.startswith("/") or "\x00" in target or "\\" in target:
+            return "not a relative link target"
+        if len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            return "link target too long"
+    if kind == "chmod" and not isinstance(op[2], bool):
+        return "executable is not a boolean"
+    if kind == "patch":
+        _, _, size, executable, ranges = op
+        if not _offset(size) or not isinstance(executable, bool) or not isinstance(ranges, list):
+            return "size, executable or ranges of the wrong type"
+        for r in ranges:
+            if not (isinstance(r, list) and len(r) == 3 and all(_offset(x) for x in r) and r[2] <= _RANGE_MAX):
+                return f"range {str(r)[:80]} is not [offset, data offset, length] within bounds"
+    return ""
+
+
+def _offset(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _OFF_MAX
 
 
 class _Tree:
@@ -482,10 +679,14 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
             elif kind == "place":
                 staged = os.path.join(txn, "stage", str(op[1]))
                 path = tree.path(str(op[2]))
-                if os.path.exists(staged):
-                    st = _lstat(path)
-                    if st is not None and stat.S_ISDIR(st.st_mode):
-                        shutil.rmtree(path)
+                try:  # one rename per file; the unusual cases are told by its error
+                    os.rename(staged, path)
+                except FileNotFoundError:
+                    if os.path.lexists(staged):
+                        raise
+                    # placed by an earlier, interrupted apply of this journal
+                except IsADirectoryError:  # a directory stands where the file goes
+                    shutil.rmtree(path)
                     os.rename(staged, path)
             elif kind == "patch":
                 _, rel, size, executable, patches = op
@@ -523,10 +724,20 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
     finally:
         if data_fd >= 0:
             os.close(data_fd)
-    for d in tree.touched:
-        if os.path.isdir(d):
+    dirs = [d for d in tree.touched if os.path.isdir(d)]
+    if len(dirs) <= SYNCFS_MIN_FILES or not _syncfs_at(dirs[0]):  # one syncfs for many folders
+        for d in dirs:
             fsync_dir(d)
     return patched
+
+
+def _syncfs_at(path: str) -> bool:
+    """syncfs(2) of the filesystem holding the folder ``path``; False if it did not happen."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def _lstat(path: str) -> os.stat_result | None:

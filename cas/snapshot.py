@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 import stat
 import time
+from contextlib import nullcontext
 
 from .chunking import Chunker
 from .errors import FileChangedError, ManifestError, SnapshotError, UnsafePathError
-from .manifest import Entry, Kind, Manifest, check_relpath, resolve_link
+from .manifest import MAX_PATH_BYTES, Entry, Kind, Manifest, check_relpath, plain_name, resolve_link
 from .statcache import StatCache, coarse_timestamps
 
 TICK_NS = 20_000_000  # two jiffies at HZ=100
@@ -68,7 +69,8 @@ def snapshot(
             root_kind = Kind.FILE
         elif stat.S_ISDIR(st.st_mode):
             entries = []
-            walker.walk_dir(root, "", entries)
+            with stat_cache.reading() if stat_cache is not None else nullcontext():
+                walker.walk_dir(root, "", entries)
             root_kind = Kind.DIR
             if foreign is not None:
                 entries = _drop_unrepresentable(entries, foreign)
@@ -91,19 +93,26 @@ def _drop_unrepresentable(entries: list[Entry], foreign: list[str]) -> list[Entr
     ``foreign`` (children of a dropped directory go with it, unnamed)."""
     kept: list[Entry] = []
     dropped: set[str] = set()
+    kept_dirs: set[str] = set()
     for e in sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape")):
-        parent = e.path.rpartition("/")[0]
+        parent, sep, name = e.path.rpartition("/")
         if parent and parent in dropped:
             dropped.add(e.path)
             continue
-        try:
-            e.path.encode("utf-8")
-            check_relpath(e.path)
-        except (UnicodeEncodeError, UnsafePathError):
-            dropped.add(e.path)
-            foreign.append(e.path)
-            continue
+        # Fast path (nearly every name): a kept parent and a plain ASCII name are portable.
+        if not ((parent in kept_dirs if sep else True) and plain_name(name, top=not sep) and len(e.path) * 4 <= MAX_PATH_BYTES):
+            try:
+                e.path.encode("utf-8")
+                check_relpath(e.path)
+            except (UnicodeEncodeError, UnsafePathError):
+                dropped.add(e.path)
+                foreign.append(e.path)
+                continue
         kept.append(e)
+        if e.kind == Kind.DIR:
+            kept_dirs.add(e.path)
+    if not any(e.kind == Kind.SYMLINK for e in kept):
+        return kept
     while True:  # removing one link can change where others resolve: repeat until stable
         by_path = {e.path: e for e in kept}
         bad = set()

@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from .chunking import iter_chunk_spans
+from .chunking import iter_chunks
 from .errors import ChunkNotFoundError
 from .hashing import ChunkId, chunk_id
 from .manifest import Manifest
@@ -29,10 +29,9 @@ class SeedSource:
 
     def __init__(self, manifest: Manifest, root: str | os.PathLike[str]) -> None:
         root = os.fspath(root)
+        prefix = os.path.join(root, "")  # entry paths are relative: a concatenation is the join
         # A file root that is a symlink is resolved, as snapshot() does: reads use O_NOFOLLOW.
-        files = [
-            (os.path.join(root, e.path) if e.path else os.path.realpath(root), e.chunks) for e in manifest.files()
-        ]
+        files = [(prefix + e.path if e.path else os.path.realpath(root), e.chunks) for e in manifest.files()]
         self._init(files, f"seed:{root}")
         self.root = root
 
@@ -49,9 +48,13 @@ class SeedSource:
         self.location = location
         self.stale: set[ChunkId] = set()
         self._where: dict[ChunkId, tuple[str, int, int]] = {}
+        where = self._where
         for path, chunks in files:
-            for cid, off, n in iter_chunk_spans(chunks):
-                self._where.setdefault(cid, (path, off, n))
+            off = 0
+            for cid, n in iter_chunks(chunks):
+                if cid not in where:
+                    where[cid] = (path, off, n)
+                off += n
 
     def __contains__(self, cid: ChunkId) -> bool:
         return cid in self._where

@@ -18,12 +18,15 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
 
 from .chunking import ChunkerParams
 from .errors import StoreError
+from .hashing import ID_SIZE
 
 RACY_NS = 100_000_000
 RACY_COARSE_NS = 2_000_000_000
@@ -40,6 +43,23 @@ def coarse_timestamps(st: os.stat_result) -> bool:
 
 def _sig(st: os.stat_result) -> bytes:
     return _SIG.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+_LENGTH = struct.Struct(f"<{ID_SIZE}xI")  # one chunk list record, its id skipped
+
+
+def _describes(chunks: bytes, size: int, max_size: int) -> bool:
+    """Whether ``chunks`` can be the chunk list of a ``size``-byte file: whole records, each
+    1 to ``max_size`` bytes long, adding up to ``size``. A damaged entry is a miss, not a
+    manifest that fails to build (the cache is only an accelerator)."""
+    if len(chunks) % _LENGTH.size:
+        return False
+    total = 0
+    for (n,) in _LENGTH.iter_unpack(chunks):
+        if not 0 < n <= max_size:
+            return False
+        total += n
+    return total == size
 
 
 class StatCache:
@@ -65,20 +85,43 @@ class StatCache:
                 txn.put(_FORMAT_KEY, _FORMAT)
         self._pending: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
+        self._tags: dict[ChunkerParams, bytes] = {}
+        self._local = threading.local()  # .txn: this thread's read transaction, see reading()
 
-    @staticmethod
-    def _key(params: ChunkerParams, path: str) -> bytes:
-        tag = struct.pack("<BIII", params.algorithm, params.min_size, params.avg_size, params.max_size)
-        return tag + os.fsencode(path)
+    def _key(self, params: ChunkerParams, path: str) -> bytes:
+        tag = self._tags.get(params)
+        if tag is None:
+            tag = self._tags[params] = struct.pack("<BIII", params.algorithm, params.min_size, params.avg_size, params.max_size)
+        return tag + path.encode("utf-8", "surrogateescape")  # os.fsencode, without its checks
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Serve this thread's :meth:`get` calls from one read transaction until the block
+        ends (a walk of 100k files then opens one transaction, not 100k). Entries flushed
+        meanwhile are not seen."""
+        if getattr(self._local, "txn", None) is not None:
+            yield
+            return
+        with self._env.begin(buffers=False) as txn:
+            self._local.txn = txn
+            try:
+                yield
+            finally:
+                self._local.txn = None
 
     def get(self, params: ChunkerParams, path: str, st: os.stat_result) -> bytes | None:
         """The chunk list cached for this exact stat signature, or None."""
         key = self._key(params, path)
-        with self._env.begin(buffers=False) as txn:
+        txn = getattr(self._local, "txn", None)
+        if txn is not None:
             value = txn.get(key)
+        else:
+            with self._env.begin(buffers=False) as txn:
+                value = txn.get(key)
         if value is None or value[: _SIG.size] != _sig(st):
             return None
-        return value[_SIG.size :]
+        chunks = value[_SIG.size :]
+        return chunks if _describes(chunks, st.st_size, params.max_size) else None
 
     def put(self, params: ChunkerParams, path: str, st: os.stat_result, chunks: bytes, *, renamed: bool = False) -> None:
         """Remember ``chunks`` for ``path`` as it was at ``st`` (unless the file is racy).
@@ -99,9 +142,11 @@ class StatCache:
             pending, self._pending = self._pending, {}
         if not pending:
             return
+        longest = self._env.max_key_size()  # a deeper path is simply not cached
         with self._env.begin(write=True) as txn:
             for k, v in pending.items():
-                txn.put(k, v)
+                if len(k) <= longest:
+                    txn.put(k, v)
 
     def close(self) -> None:
         self.flush()

@@ -12,6 +12,8 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+import lmdb
+
 from .chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
 from .errors import MaterializeError, SnapshotError
 from .manifest import Kind, Manifest
@@ -101,7 +103,10 @@ class Workspace:
                 continue
             if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
                 self.stat_cache.put(self.chunker.params, path, st, target.by_path[rel].chunks, renamed=True)
-        self.stat_cache.flush()
+        try:
+            self.stat_cache.flush()
+        except (lmdb.Error, OSError):
+            pass  # a full disk: the sync is done, and the cache only saves re-reading these files
 
     def fetch_plan(self, target: Manifest, dest: str | os.PathLike[str]) -> FetchPlan:
         """What a sync of ``target`` into ``dest`` would fetch now (chunks in none of its files)."""

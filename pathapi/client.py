@@ -30,6 +30,10 @@ from .protocol import (
 
 #: Chunk requests in flight at once per transfer.
 IN_FLIGHT = 4
+#: What a small answer (exists, an error) may hold at most.
+_SMALL_ANSWER = 64 << 10
+#: Bytes of an answer that must arrive within each ``timeout`` seconds (or the answer end).
+PROGRESS_BYTES = 64 << 10
 
 _sessions: dict[int, aiohttp.ClientSession] = {}  # one per event loop, used only on that loop
 
@@ -62,12 +66,20 @@ class OriginClient:
     def _t(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout)
 
-    async def _request(self, method: str, path: str, **kw: object) -> tuple[int, bytes, dict[str, str]]:
+    async def _request(self, method: str, path: str, limit: int | None = None, **kw: object) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers); a body longer than ``limit`` bytes is an OriginError,
+        raised before more than that is held."""
         s = await _session()
         try:
-            async with s.request(method, self.url + path, headers=self._headers, timeout=self._t(), **kw) as r:  # type: ignore[arg-type]
-                body = await r.read()
-                return r.status, body, dict(r.headers)
+            # Connecting and the first answer each have ``timeout``: the status line and
+            # headers must be in by then (an origin trickling them is not waited on forever).
+            async with asyncio.timeout(2 * self.timeout) as head_deadline:
+                async with s.request(method, self.url + path, headers=self._headers, timeout=self._t(), **kw) as r:  # type: ignore[arg-type]
+                    head_deadline.reschedule(None)
+                    body = await self._read_body(r, path, limit)
+                    return r.status, body, dict(r.headers)
+        except (OriginError, OriginUnreachableError):
+            raise
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
             what = f"did not answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) else "could not be reached or dropped the connection"
             raise OriginUnreachableError(
@@ -78,6 +90,41 @@ class OriginClient:
                 f"origin {self.name!r} at {self.url} broke off its answer: {type(e).__name__}: {e}",
                 self.name,
             ) from None
+
+    async def _read_body(self, r: aiohttp.ClientResponse, path: str, limit: int | None) -> bytes:
+        """The answer's body; more than ``limit`` bytes (if given) is an OriginError, raised
+        before more than that is held. An origin that trickles its answer is given up on as
+        a silent one is: every ``timeout`` seconds must bring ``PROGRESS_BYTES`` or the end
+        (a read timeout alone would wait forever on one byte per second)."""
+        loop = asyncio.get_running_loop()
+        pieces: list[bytes] = []
+        n = window = 0
+        window_end = loop.time() + self.timeout
+        while True:
+            deadline = asyncio.timeout_at(window_end)
+            try:
+                async with deadline:
+                    piece = await r.content.readany()
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the socket's own read timeout
+                raise OriginUnreachableError(
+                    f"origin {self.name!r} at {self.url} did not send its answer to {path} within {self.timeout:g} s: "
+                    f"{window} bytes came in that time, at least {PROGRESS_BYTES} were due (stalled or trickling)",
+                    self.name,
+                ) from None
+            if not piece:
+                return b"".join(pieces)
+            n += len(piece)
+            if limit is not None and n > limit:
+                raise OriginError(
+                    f"origin {self.name!r} at {self.url} answered {path} with more than the {limit} bytes asked for",
+                    self.name,
+                )
+            pieces.append(piece)
+            window += len(piece)
+            if window >= PROGRESS_BYTES:
+                window, window_end = 0, loop.time() + self.timeout
 
     def _call(self, method: str, path: str, **kw: object) -> tuple[int, bytes, dict[str, str]]:
         # The request itself is bounded by its own timeouts; the extra margin only guards
@@ -104,19 +151,25 @@ class OriginClient:
         return m
 
     def exists(self, rel: str) -> bool:
-        status, body, _ = self._call("GET", "/v1/exists", params={"path": rel})
+        status, body, _ = self._call("GET", "/v1/exists", params={"path": rel}, limit=_SMALL_ANSWER)
         self._check(status, body, repr(rel))
-        return bool(json.loads(body)["exists"])
+        try:
+            answer = json.loads(body)["exists"]
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            answer = None
+        if not isinstance(answer, bool):
+            raise OriginError(f"origin {self.name!r} answered exists({rel!r}) with {body[:100]!r}, not {{\"exists\": true|false}}", self.name)
+        return answer
 
-    async def _fetch_deltas(self, body: bytes) -> bytes:
-        status, answer, _ = await self._request("POST", "/v1/deltas", data=body)
+    async def _fetch_deltas(self, body: bytes, limit: int | None = None) -> bytes:
+        status, answer, _ = await self._request("POST", "/v1/deltas", limit=limit, data=body)
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, answer, "chunk deltas")
         return answer
 
-    async def _fetch(self, manifest_id: bytes, ids: list[ChunkId]) -> bytes:
-        status, body, _ = await self._request("POST", "/v1/chunks", data=manifest_id + b"".join(ids))
+    async def _fetch(self, manifest_id: bytes, ids: list[ChunkId], limit: int | None = None) -> bytes:
+        status, body, _ = await self._request("POST", "/v1/chunks", limit=limit, data=manifest_id + b"".join(ids))
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, body, f"{len(ids)} chunks")
@@ -199,10 +252,14 @@ class OriginSource:
         pending: deque[tuple[list[ChunkId], Future[bytes]]] = deque()
         try:
             for batch, as_delta in jobs:
+                # An answer can hold no more than its frames (a payload is at most the plain
+                # length, a delta's at most what _decode accepts): more is refused unread.
                 if as_delta:
-                    fut = loop.submit(self.client._fetch_deltas(self._delta_request(batch, bases)))
+                    limit = sum(FRAME.size + 2 * self._sizes[c] + 64 for c in batch) + _SMALL_ANSWER
+                    fut = loop.submit(self.client._fetch_deltas(self._delta_request(batch, bases), limit))
                 else:
-                    fut = loop.submit(self.client._fetch(self.manifest.id, batch))
+                    limit = sum(FRAME.size + self._sizes[c] for c in batch) + _SMALL_ANSWER
+                    fut = loop.submit(self.client._fetch(self.manifest.id, batch, limit))
                 pending.append((batch, fut))
                 if len(pending) < IN_FLIGHT:
                     continue

@@ -15,6 +15,10 @@ HEADER_MANIFEST_ID = "X-Manifest-Id"
 #: The most ids one chunk request may name, and the most chunk bytes a client asks for at once.
 MAX_BATCH_IDS = 4096
 BATCH_BYTES = 8 << 20
+#: The most plain chunk bytes one answer may carry (the lengths of the ids asked for, each
+#: time it is asked for): a client batch stops at BATCH_BYTES plus the chunk that crossed it
+#: (max_size is at most 16 MiB). A request for more is refused (413) before anything is read.
+MAX_ANSWER_BYTES = BATCH_BYTES + (16 << 20)
 
 FRAME = struct.Struct("<BB32sII")  # status, codec, id, raw length, stored length
 STATUS_OK = 0

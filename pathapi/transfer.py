@@ -133,6 +133,11 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
         except StaleManifestError as e:  # 409: the origin could not snapshot it consistently
             last = e
             continue
+        except OriginUnreachableError as e:  # and nothing persisted to fall back on
+            raise OriginUnreachableError(
+                f"{e}. The get of {rel!r} from origin work {origin!r} moved nothing. The files at {dest} are unchanged",
+                origin,
+            ) from e
         if m is None:
             if missing_ok:
                 return None
@@ -144,6 +149,8 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
         except StaleManifestError as e:
             last = e
             continue
+        except OriginUnreachableError as e:  # the origin died or went silent mid-transfer
+            raise _lost(e, origin, rel, dest, counting) from e
         except ChunkNotFoundError as e:
             if kind != "artifacts":
                 raise
@@ -158,6 +165,18 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
             seconds=time.perf_counter() - t0, source=kind, manifest_id=m.id.hex(),
         )
     raise StaleManifestError(f"{rel!r} kept changing at {origin!r} during {STALE_RETRIES} attempts: {last}", origin)
+
+
+def _lost(e: OriginUnreachableError, origin: str, rel: str, dest: str, counting: _Counting) -> OriginUnreachableError:
+    """The error of a get whose origin was lost mid-transfer: which work, and what became of
+    the transfer (nothing written; what arrived is kept, see materialize's resume)."""
+    kept = (
+        f"{counting.chunks} chunk(s) ({counting.bytes} bytes) had arrived and are kept: the next get fetches only the rest"
+        if counting.chunks else "no chunk had arrived yet"
+    )
+    return OriginUnreachableError(
+        f"lost origin work {origin!r} during the get of {rel!r}: {e}. The files at {dest} are unchanged; {kept}", origin
+    )
 
 
 def exists_local(path: Path) -> bool:

@@ -93,7 +93,7 @@ class LocalChunkStore(ChunkStore):
     def _check_format(self) -> None:
         fmt = self.root / "FORMAT"
         try:
-            text = fmt.read_text()
+            text = fmt.read_bytes().decode("utf-8", "replace")  # any bytes: refused below, never a UnicodeDecodeError
         except FileNotFoundError:
             tmp = self.root / f".FORMAT.{secrets.token_hex(4)}"
             tmp.write_text(FORMAT_TEXT)
@@ -144,13 +144,16 @@ class LocalChunkStore(ChunkStore):
 
     def _read(self, cid: ChunkId, loc: bytes, fds: dict[int, int]) -> Payload:
         """The verified bytes at ``loc``; FileNotFoundError if its pack does not exist."""
+        if len(loc) != INDEX.size:
+            raise ChunkCorruptError(f"chunk {cid.hex()}: its index entry in {self.location} is not a record ({len(loc)} bytes)", cid.hex())
         pack_id, offset, stored, raw, codec = INDEX.unpack(loc)
         where = f"{self._pack_path(pack_id)}@{offset}"
         try:
             fd = fds.get(pack_id)
             if fd is None:
                 fd = fds[pack_id] = os.open(self._pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-            blob = os.pread(fd, RECORD.size + stored, offset)
+            # The index is checked against the pack before its lengths size a read.
+            blob = os.pread(fd, RECORD.size + stored, offset) if offset + RECORD.size + stored <= os.fstat(fd).st_size else b""
         except FileNotFoundError:
             raise
         except OSError as e:

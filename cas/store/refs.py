@@ -74,6 +74,8 @@ class LocalRefStore(RefStore):
             raw = self._file(name).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:  # a folder in its place, no permission...
+            raise StoreError(f"cannot read ref {name!r} from {self._file(name)}: {e}", self.location) from e
         got, value = decode(raw, str(self._file(name)))
         if got != name:
             raise StoreError(f"ref file {self._file(name)} holds {got!r}, not {name!r}", self.location)
@@ -109,6 +111,8 @@ class LocalRefStore(RefStore):
                 name, _ = decode(f.read_bytes(), str(f))
             except FileNotFoundError:
                 continue  # deleted since the listing
+            except OSError as e:
+                raise StoreError(f"cannot read ref file {f}: {e}", self.location) from e
             # A damaged ref raises: skipping it would hide it from garbage collection, which
             # would then delete the chunks it names.
             if name.startswith(prefix):
