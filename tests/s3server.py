@@ -194,13 +194,24 @@ class SeaweedServer:
                 raise RuntimeError(f"weed exited with code {self.proc.returncode} while starting:\n{self.log_tail()}")
             try:
                 names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}  # type: ignore[attr-defined]
-                if set(self.buckets) <= names:
+                if set(self.buckets) <= names and self._data_readable(client):
                     return
-                last = RuntimeError(f"buckets so far: {sorted(names)}")
+                last = RuntimeError(f"buckets so far: {sorted(names)}, or their objects not readable yet")
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
                 last = e
             time.sleep(0.1)
         raise RuntimeError(f"SeaweedFS S3 at {self.endpoint} not ready within {timeout:g} s ({last}):\n{self.log_tail()}")
+
+    def _data_readable(self, client: object) -> bool:
+        """Whether objects written before a restart can be read: after ``weed`` restarts, the
+        S3 gateway answers listings before its volumes are back, and reads of older objects
+        fail with InternalError for a few seconds. Reads a byte of a few objects per bucket."""
+        for bucket in self.buckets:
+            listed = client.list_objects_v2(Bucket=bucket, MaxKeys=8).get("Contents", [])  # type: ignore[attr-defined]
+            for obj in listed:
+                if obj.get("Size", 0):
+                    client.get_object(Bucket=bucket, Key=obj["Key"], Range="bytes=0-0")["Body"].read()  # type: ignore[attr-defined]
+        return True
 
     def log_tail(self, n: int = 60) -> str:
         try:
