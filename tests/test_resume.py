@@ -135,11 +135,12 @@ def test_staged_bytes_that_were_damaged_are_fetched_again_not_trusted(tmp_path: 
     m = _publish(ows, store, src)
     total = len(m.chunk_ids())
     ws, dest = _interrupted(tmp_path, store, m, limit=total - 3)
-    for staged in (tmp_path / "cstate" / "resume" / "stage").iterdir():
-        with open(staged, "r+b") as f:  # flip every 1024th byte: every chunk (>= 2 KiB) is hit
-            data = bytearray(f.read())
-            for i in range(0, len(data), 1024):
-                data[i] ^= 0xFF
+    invert = bytes(range(255, -1, -1))
+    kept = [p for p in (tmp_path / "cstate" / "resume").rglob("*") if p.is_file() and p.name != "resume.json"]
+    assert kept, "the interrupted sync kept nothing to resume from"
+    for staged in kept:  # staged files and the journal's patch data: every byte inverted, so
+        with open(staged, "r+b") as f:  # every chunk in them (however short) fails verification
+            data = f.read().translate(invert)
             f.seek(0)
             f.write(data)
     r = ws.sync(m, dest, remote=Counting(store))
