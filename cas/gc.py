@@ -81,16 +81,18 @@ def collect_garbage(
     dry_run: bool = False,
     compact: bool = True,
     min_garbage: float = 0.2,
+    decode: Callable[[bytes], Manifest] = Manifest.decode,
 ) -> GcReport:
     """Delete every chunk of ``chunks`` that no manifest in ``refs`` names.
 
     Raises StoreBusyError at once if a persist (or another GC) holds a lease on the store,
-    and GcError (deleting nothing) if a ref cannot be read.
+    and GcError (deleting nothing) if a ref cannot be read. ``decode`` turns a ref's value
+    into its manifest (a layer above may wrap manifests in refs of its own format).
     """
     report = GcReport(dry_run=dry_run)
     leases.break_dead()
     with leases.exclusive("garbage collection"):
-        report.refs, live = live_chunks(refs)
+        report.refs, live = live_chunks(refs, decode)
         report.live_chunks = len(live)
         garbage: list[ChunkId] = []
         for cid in chunks.iter_ids():

@@ -5,7 +5,15 @@ chunks the receiver lacks and never writes an unverified byte into a user's file
 """
 
 from .app import App
-from .errors import AuthenticationError, OriginError, OriginUnreachableError, PathapiError, WorkError
+from .errors import (
+    AuthenticationError,
+    LitPathError,
+    OlderVersionError,
+    OriginError,
+    OriginUnreachableError,
+    PathapiError,
+    WorkError,
+)
 from .flow import Flow
 from .path import Path
 from .transfer import TransferRecord
@@ -17,6 +25,6 @@ LightningFlow = Flow
 LightningApp = App
 
 __all__ = [
-    "App", "AuthenticationError", "Flow", "LightningApp", "LightningFlow", "LightningWork",
-    "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferRecord", "Work", "WorkError",
+    "App", "AuthenticationError", "Flow", "LightningApp", "LightningFlow", "LightningWork", "LitPathError",
+    "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferRecord", "Work", "WorkError",
 ]

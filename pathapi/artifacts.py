@@ -1,21 +1,112 @@
 """The artifact store: where works persist their Paths so others can fetch them after the
 origin stopped. A chunk store plus a ref store; the ref ``<work name>/<path>`` holds the
-manifest, written only after all its chunks are stored."""
+manifest and the :class:`~pathapi.version.Version` that produced it (format "Persisted ref"
+in docs/format.md), written only after all its chunks are stored.
+
+A sub-path of a persisted Path (``ckpt/model.bin`` of a persisted ``ckpt``) is found in the
+manifest of its nearest persisted ancestor: :meth:`ArtifactStore.lookup`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path as FsPath
 
 from cas import LocalChunkStore, Manifest, SeedSource
-from cas.errors import FileChangedError
+from cas.errors import FileChangedError, ManifestError, UnsafePathError
+from cas.manifest import Kind, resolve_link
 from cas.gc import GcReport, collect_garbage
 from cas.leases import Leases
 from cas.store import ChunkStore, LocalRefStore, RefStore
 from cas.workspace import Workspace
 
+from .origin import PathOutsideRootError, resolve_under
+from .version import UNKNOWN, Version
+
 #: Bytes of chunks read and stored per batch while persisting (bounds memory).
 PERSIST_BATCH = 64 << 20
+
+REF_MAGIC = b"PREF"
+REF_VERSION = 1
+_REF_HEAD = struct.Struct("<4sHH")  # magic, format version, length of the version text
+_LEGACY_MAGIC = b"CASM"  # refs written before versions: a bare manifest
+
+
+def encode_ref(manifest: Manifest, version: Version) -> bytes:
+    """A persisted ref's value: the version that produced the tree, then its manifest."""
+    text = str(version).encode("ascii")
+    return _REF_HEAD.pack(REF_MAGIC, REF_VERSION, len(text)) + text + manifest.encode()
+
+
+def decode_ref(raw: bytes) -> tuple[Manifest, Version]:
+    """(manifest, version) of a persisted ref; :class:`ManifestError` if it is malformed.
+    A bare manifest (written before refs carried versions) has version ``UNKNOWN``."""
+    if raw[:4] == _LEGACY_MAGIC:
+        return Manifest.decode(raw), UNKNOWN
+    if len(raw) < _REF_HEAD.size:
+        raise ManifestError(f"persisted ref of {len(raw)} bytes is shorter than its header")
+    magic, fmt, n = _REF_HEAD.unpack_from(raw)
+    if magic != REF_MAGIC:
+        raise ManifestError(f"persisted ref starts with {magic!r}, not {REF_MAGIC!r} or a manifest")
+    if fmt != REF_VERSION:
+        raise ManifestError(f"persisted ref format {fmt} is not supported (this pathapi reads {REF_VERSION})")
+    text = raw[_REF_HEAD.size:_REF_HEAD.size + n]
+    try:
+        version = Version.parse(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(f"persisted ref has a malformed version: {e}") from None
+    return Manifest.decode(raw[_REF_HEAD.size + n:]), version
+
+
+def _manifest_of_ref(raw: bytes) -> Manifest:
+    return decode_ref(raw)[0]
+
+
+@dataclass(frozen=True)
+class Persisted:
+    """What the store holds for a path: its tree, the version that produced it, and the
+    persisted Path it was found in (``ref_rel``, equal to the path asked for or an ancestor)."""
+
+    manifest: Manifest
+    version: Version
+    ref_rel: str
+
+
+class SubPathError(ValueError):
+    """A sub-path of a persisted tree cannot be described on its own (a link in it leaves it)."""
+
+
+def subtree(m: Manifest, sub: str) -> Manifest | None:
+    """The tree at ``sub`` (root-relative, links on the way followed as the kernel would)
+    inside the tree ``m``, or None if ``m`` holds nothing there."""
+    if m.root_kind != Kind.DIR:
+        return None
+    try:
+        parts = resolve_link(m.by_path, ".", sub)
+    except UnsafePathError:
+        return None  # a link on the way leaves the tree: not part of what was persisted
+    real = "/".join(parts)
+    entry = m.by_path.get(real)
+    if entry is None:
+        return None
+    if entry.kind == Kind.FILE:
+        return Manifest.build(m.params, Kind.FILE, [dataclasses.replace(entry, path="")])
+    if entry.kind != Kind.DIR:
+        return None
+    prefix = real + "/"
+    entries = [dataclasses.replace(e, path=e.path[len(prefix):]) for e in m.entries if e.path.startswith(prefix)]
+    if "" in m.by_path:  # a manifest format that records the root folder itself
+        entries.append(dataclasses.replace(entry, path=""))
+    try:
+        return Manifest.build(m.params, Kind.DIR, entries)
+    except UnsafePathError as e:
+        raise SubPathError(
+            f"{sub!r} cannot be fetched on its own from the persisted tree: the link {prefix + e.path!r} "
+            "in it points outside it. Get the whole persisted Path instead"
+        ) from None
 
 
 class ArtifactStore:
@@ -58,20 +149,57 @@ class ArtifactStore:
         return f"{work}/{rel}"
 
     def manifest(self, work: str, rel: str) -> Manifest | None:
-        raw = self.refs.get(self.ref_name(work, rel))
-        return Manifest.decode(raw) if raw is not None else None
+        """The persisted tree of ``work``'s ``rel`` (a sub-path of a persisted Path too)."""
+        found = self.lookup(work, rel)
+        return found.manifest if found is not None else None
 
-    def persist(self, work: str, rel: str, root: str, workspace: Workspace, attempts: int = 3) -> Manifest | None:
-        """Store the current tree at ``root`` as ``work``'s ``rel``: chunks the store lacks,
-        then the manifest. None if nothing exists at ``root``.
+    def lookup(self, work: str, rel: str) -> Persisted | None:
+        """What is persisted for ``work``'s ``rel``: its own ref, else the tree at ``rel``
+        inside the newest persisted ancestor that holds it. None if nothing holds it."""
+        rel = os.path.normpath(rel)
+        raw = self.refs.get(self.ref_name(work, rel))
+        if raw is not None:
+            m, version = decode_ref(raw)
+            return Persisted(m, version, rel)
+        best: Persisted | None = None
+        parts = rel.split("/")
+        for n in range(len(parts) - 1, 0, -1):
+            ancestor = "/".join(parts[:n])
+            raw = self.refs.get(self.ref_name(work, ancestor))
+            if raw is None:
+                continue
+            m, version = decode_ref(raw)
+            if best is not None and version <= best.version:
+                continue
+            sub = subtree(m, "/".join(parts[n:]))
+            if sub is not None:
+                best = Persisted(sub, version, ancestor)
+        return best
+
+    def persist(self, work: str, rel: str, path: str, workspace: Workspace, *, version: Version,
+                attempts: int = 3) -> Manifest | None:
+        """Store the current tree at ``path`` as ``work``'s ``rel``, produced by ``version``:
+        chunks the store lacks, then the ref. None if nothing exists at ``path``.
 
         Runs under a shared lease, so a garbage collection never deletes a chunk this
         persist found present and relies on.
         """
         with self.leases.shared(f"persist of {work}/{rel}"):
-            return self._persist(work, rel, root, workspace, attempts)
+            return self._persist(work, os.path.normpath(rel), path, workspace, version, attempts)
 
-    def _persist(self, work: str, rel: str, root: str, workspace: Workspace, attempts: int) -> Manifest | None:
+    def persist_in_root(self, work: str, rel: str, work_root: str, workspace: Workspace, *,
+                        version: Version) -> Manifest | None:
+        """:meth:`persist` of ``rel`` inside the work's root folder. ``rel`` must stay inside
+        it (relative, no ``..``, no link out of it): PathOutsideRootError otherwise, so that
+        nothing from outside a work's root ever reaches the store."""
+        try:
+            path = resolve_under(work_root, rel)
+        except PathOutsideRootError as e:
+            raise PathOutsideRootError(f"{e} ({work_root}): not persisted; a lit:// path stays inside its work's root") from None
+        return self.persist(work, rel, path, workspace, version=version)
+
+    def _persist(self, work: str, rel: str, root: str, workspace: Workspace, version: Version,
+                 attempts: int) -> Manifest | None:
         for _ in range(attempts):
             if not os.path.lexists(root):
                 return None
@@ -89,13 +217,14 @@ class ArtifactStore:
                     batch, size = [], 0
             self.chunks.put_many(seed.get_many(batch))
             if not seed.stale:
-                self.refs.put(self.ref_name(work, rel), m.encode())
+                self.refs.put(self.ref_name(work, rel), encode_ref(m, version))
                 return m
         raise FileChangedError(f"{root} kept changing while it was persisted ({attempts} attempts)", root)
 
     def gc(self, *, dry_run: bool = False, min_garbage: float = 0.2) -> GcReport:
         """Delete the chunks no persisted manifest names (see :func:`cas.gc.collect_garbage`)."""
-        return collect_garbage(self.chunks, self.refs, self.leases, dry_run=dry_run, min_garbage=min_garbage)
+        return collect_garbage(self.chunks, self.refs, self.leases, dry_run=dry_run, min_garbage=min_garbage,
+                               decode=_manifest_of_ref)
 
     def close(self) -> None:
         self.chunks.close()

@@ -24,9 +24,10 @@ from cas.hashing import ChunkId, chunk_id, verify
 from .aio import io_loop
 from .errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
 from .protocol import (
-    BATCH_BYTES, DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS,
+    BATCH_BYTES, DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, HEADER_VERSION, MAX_BATCH_IDS,
     MAX_DELTA_IDS, PROTOCOL_VERSION, STATUS_DELTA, STATUS_OK, STATUS_STALE,
 )
+from .version import Version
 
 #: Chunk requests in flight at once per transfer.
 IN_FLIGHT = 4
@@ -139,16 +140,26 @@ class OriginClient:
 
     def manifest(self, rel: str) -> Manifest | None:
         """The current manifest of ``rel`` at the origin, or None if it does not exist there."""
+        return self.current(rel)[0]
+
+    def current(self, rel: str) -> tuple[Manifest | None, Version | None]:
+        """The current manifest of ``rel`` at the origin (None if it does not exist there),
+        and the version of the origin's run that produced it (None if it said none)."""
         status, body, headers = self._call("GET", "/v1/manifest", params={"path": rel})
         if status == 404:
-            return None
+            return None, None
         if status == 409:
             raise StaleManifestError(f"origin {self.name!r}: {rel!r} is changing: {body[:300].decode(errors='replace')}", self.name)
         self._check(status, body, repr(rel))
         m = Manifest.decode(body)
         if headers.get(HEADER_MANIFEST_ID) != m.id.hex():
             raise OriginError(f"origin {self.name!r} sent a manifest whose id does not match its header", self.name)
-        return m
+        stamp = headers.get(HEADER_VERSION)
+        try:
+            version = Version.parse(stamp) if stamp is not None else None
+        except ValueError as e:
+            raise OriginError(f"origin {self.name!r} sent a malformed {HEADER_VERSION} header: {e}", self.name) from None
+        return m, version
 
     def exists(self, rel: str) -> bool:
         status, body, _ = self._call("GET", "/v1/exists", params={"path": rel}, limit=_SMALL_ANSWER)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from cas.workspace import Workspace
 
 from .artifacts import ArtifactStore
+from .version import UNKNOWN, Version
 
 
 @dataclass
@@ -24,6 +25,9 @@ class WorkContext:
     #: work name -> origin service URL (None once that work has stopped)
     registry: dict[str, str | None] = field(default_factory=dict)
     in_run: bool = False
+    #: which run of this work produced its files' current state (the runner advances it at
+    #: the start and end of each run; the origin stamps served manifests with it)
+    version: Version = UNKNOWN
 
 
 _current: WorkContext | None = None

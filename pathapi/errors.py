@@ -48,3 +48,19 @@ class StaleManifestError(OriginError):
 
 class AuthenticationError(OriginError, PermissionError):
     """The origin refused the request: wrong or missing app secret."""
+
+
+class OlderVersionError(PathapiError, RuntimeError):
+    """A get could only have replaced this work's files by an older version of them (the
+    origin is gone and its last persist predates them): nothing was changed."""
+
+    def __init__(self, message: str, work_name: str | None = None) -> None:
+        super().__init__(message)
+        self.work_name = work_name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class LitPathError(PathapiError, ValueError):
+    """A ``lit://`` string that does not name a place inside its work's root."""

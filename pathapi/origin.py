@@ -38,6 +38,7 @@ from .protocol import (
     FRAME,
     HEADER_MANIFEST_ID,
     HEADER_PROTOCOL,
+    HEADER_VERSION,
     MAX_ANSWER_BYTES,
     MAX_BATCH_IDS,
     MAX_DELTA_IDS,
@@ -47,6 +48,7 @@ from .protocol import (
     STATUS_STALE,
     STATUS_UNKNOWN,
 )
+from .version import Version
 
 #: Manifests kept for consumers still fetching one (older ones answer 410: ask again), and
 #: the chunk locations they may hold in all beyond the newest two: a manifest of 100k small
@@ -156,8 +158,10 @@ class OriginService:
 
     def __init__(self, name: str, root: str, secret: str, workspace: Workspace, host: str = "127.0.0.1",
                  cache_bytes: int = CACHE_BYTES, *, idle_timeout: float = IDLE_TIMEOUT, io_timeout: float = IO_TIMEOUT,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None, version: Callable[[], Version] | None = None) -> None:
         self.name = name
+        #: which run of the work produced its files now (stamped on every manifest served)
+        self.version = version
         self.root = os.path.abspath(root)
         self.secret = secret.encode()
         self.workspace = workspace
@@ -289,6 +293,9 @@ class OriginService:
         if len(os.fsencode(full)) >= _PATH_MAX or any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in full.split(os.sep)):
             return web.json_response({"error": f"{request.query.get('path')!r} is too long to exist at {self.name}"}, status=404)
         loop = asyncio.get_running_loop()
+        # Read before the snapshot: a run that ends meanwhile makes the stamp older than the
+        # tree, never newer (a consumer then treats what it got as older, the safe side).
+        stamp = {HEADER_VERSION: str(self.version())} if self.version is not None else {}
         try:
             m = await loop.run_in_executor(self._pool, self.workspace.snapshot, full)
         except FileNotFoundError:
@@ -301,7 +308,7 @@ class OriginService:
             return web.json_response({"error": str(e)}, status=500)
         self._remember(m, full)
         return web.Response(body=m.encode(), content_type="application/octet-stream",
-                            headers={HEADER_MANIFEST_ID: m.id.hex()})
+                            headers={HEADER_MANIFEST_ID: m.id.hex(), **stamp})
 
     def _remember(self, m: Manifest, full: str) -> None:
         # A root that is a symlink to a file was resolved by the snapshot; chunks are read with

@@ -20,15 +20,37 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from .errors import LitPathError
+
 if TYPE_CHECKING:
     from .transfer import TransferRecord
 
 LIT = "lit://"
 
 
+def check_lit(rel: str, written: str) -> None:
+    """Refuse a ``lit://`` path that could leave the work's root: an absolute path, or any
+    ``..`` component (the origin and the persister refuse them too). Checked when the string becomes a Path, so that no persist or serve of
+    another work's (or the host's) files can ever start from one."""
+    if "\x00" in rel:
+        raise LitPathError(f"{written!r}: a lit:// path cannot hold a NUL byte")
+    if rel.startswith("/"):
+        raise LitPathError(
+            f"{written!r} is absolute: a lit:// path is relative to its work's root "
+            f"(write lit://{rel.lstrip('/')} for the folder inside the root)"
+        )
+    if ".." in rel.split("/"):
+        raise LitPathError(
+            f"{written!r} has a '..' component: a lit:// path names a place inside its work's root "
+            "(a work shares only its own files; to hand over another work's files, pass that work's Path)"
+        )
+
+
 def _strip_lit(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]:
     if args and isinstance(args[0], str) and args[0].startswith(LIT):
-        return (args[0][len(LIT):] or ".", *args[1:]), True
+        rel = args[0][len(LIT):] or "."
+        check_lit(rel, args[0])
+        return (rel, *args[1:]), True
     return args, False
 
 
@@ -175,11 +197,19 @@ class Path(pathlib.PosixPath):
         return cls(d["path"], origin=d.get("origin_name"), consumer=d.get("consumer_name"))
 
     # -- transfers ---------------------------------------------------------------
-    def get(self, overwrite: bool = False) -> None:
-        """Fetch the origin's current files into this work's filesystem (see SPEC)."""
+    def get(self, overwrite: bool = False, in_place: bool = False) -> None:
+        """Fetch the origin's current files into this work's filesystem (see SPEC).
+
+        A changed file becomes a new file renamed into place: a reader holding the old one
+        open or mmapped keeps reading the old bytes, and hard links to it keep them too.
+        ``in_place=True`` patches changed files where they are instead, as rsync's
+        ``--inplace`` does: less disk traffic for small changes, but readers may see the
+        change, or a mix of old and new bytes while it is made, and an mmap of a file that
+        shrinks faults (SIGBUS).
+        """
         from .transfer import get
 
-        self._last_transfer = get(self, overwrite=overwrite)
+        self._last_transfer = get(self, overwrite=overwrite, in_place=in_place)
 
     def exists_local(self) -> bool:
         """Whether the path exists in this work's filesystem. Only inside a work's run."""

@@ -11,6 +11,8 @@ import struct
 PROTOCOL_VERSION = "1"
 HEADER_PROTOCOL = "X-Pathapi-Protocol"
 HEADER_MANIFEST_ID = "X-Manifest-Id"
+#: On manifest answers: the run of the origin that produced the tree (pathapi.version).
+HEADER_VERSION = "X-Pathapi-Version"
 
 #: The most ids one chunk request may name, and the most chunk bytes a client asks for at once.
 MAX_BATCH_IDS = 4096

@@ -203,7 +203,7 @@ class _Persister:
                     return
                 for rel in rels:
                     try:
-                        self.ctx.artifacts.persist(self.ctx.name, rel, os.path.join(self.ctx.root, rel), self.ctx.workspace)
+                        self.ctx.artifacts.persist_in_root(self.ctx.name, rel, self.ctx.root, self.ctx.workspace, version=self.ctx.version)
                     except Exception as e:  # reported to the flow at stop; the run itself succeeded
                         self.errors.append(f"{rel}: {type(e).__name__}: {e}")
             finally:
@@ -226,7 +226,7 @@ def _child_main(conn: Any, work: Work, name: str, config: AppConfig) -> None:
         artifacts = ArtifactStore.open(config.store, config.root)
         ctx = WorkContext(name, root, workspace, artifacts, config.secret, config.timeout)
         set_current(ctx)
-        origin = OriginService(name, root, config.secret, workspace, host=config.host)
+        origin = OriginService(name, root, config.secret, workspace, host=config.host, version=lambda: ctx.version)
         url = io_loop().run(origin.start(), timeout=60)
         persister = _Persister(ctx)
     except BaseException as e:
@@ -254,7 +254,7 @@ def _child_main(conn: Any, work: Work, name: str, config: AppConfig) -> None:
             ctx.in_run = True
             for p in iter_paths((args, kwargs)):
                 if p.origin_name is not None and p.origin_name != name:
-                    p._last_transfer = get(p, overwrite=True, missing_ok=True)
+                    p._last_transfer = get(p, overwrite=True, missing_ok=True, keep_newer=True)
             result = work.run(*args, **kwargs)
             ctx.in_run = False
             new_state = public_state(work)

@@ -24,8 +24,10 @@ from cas.store.base import ChunkSource, Payload
 
 from .client import OriginClient, OriginSource
 from .context import WorkContext, require_run
-from .errors import OriginUnreachableError, StaleManifestError
+from .errors import OlderVersionError, OriginUnreachableError, StaleManifestError
+from .held import HeldVersions
 from .origin import PathOutsideRootError, resolve_under
+from .version import Version
 
 if TYPE_CHECKING:
     from .path import Path
@@ -49,6 +51,12 @@ class TransferRecord:
     seconds: float
     source: str  # "origin" or "artifacts"
     manifest_id: str
+    #: the version of the tree this get found at its source (None: the source said none)
+    version: Version | None = None
+    #: True when the source held an older version than this work's files, which were kept
+    #: (the automatic get at the start of a run); ``note`` then says which versions
+    kept_local: bool = False
+    note: str = ""
 
 
 class _Counting:
@@ -90,20 +98,41 @@ class _Counting:
                 self._bar.close()
 
 
-def _locate(ctx: WorkContext, origin: str, rel: str) -> tuple[Manifest | None, ChunkSource, str]:
-    """The current manifest of ``origin``'s ``rel`` and where its chunks come from."""
+@dataclass(frozen=True)
+class _Located:
+    manifest: Manifest | None
+    source: ChunkSource
+    kind: str  # "origin" or "artifacts"
+    version: Version | None
+
+
+def _persisted(ctx: WorkContext, origin: str, rel: str) -> _Located | None:
+    found = ctx.artifacts.lookup(origin, rel)
+    if found is None:
+        return None
+    return _Located(found.manifest, ctx.artifacts.chunks, "artifacts", found.version)
+
+
+def _locate(ctx: WorkContext, origin: str, rel: str) -> _Located:
+    """The current manifest of ``origin``'s ``rel``, its version, and where its chunks come from."""
     url = ctx.registry.get(origin)
     if url:
         client = OriginClient(origin, url, ctx.secret, ctx.timeout)
         try:
-            m = client.manifest(rel)
+            m, version = client.current(rel)
         except OriginUnreachableError:
-            persisted = ctx.artifacts.manifest(origin, rel)
+            persisted = _persisted(ctx, origin, rel)
             if persisted is None:
                 raise
-            return persisted, ctx.artifacts.chunks, "artifacts"
-        return m, (OriginSource(client, m) if m is not None else ctx.artifacts.chunks), "origin"
-    return ctx.artifacts.manifest(origin, rel), ctx.artifacts.chunks, "artifacts"
+            return persisted
+        if m is None:
+            return _Located(None, ctx.artifacts.chunks, "origin", None)
+        return _Located(m, OriginSource(client, m), "origin", version)
+    return _persisted(ctx, origin, rel) or _Located(None, ctx.artifacts.chunks, "artifacts", None)
+
+
+def _held(ctx: WorkContext) -> HeldVersions:
+    return HeldVersions(ctx.workspace.state_dir)
 
 
 def _dest(ctx: WorkContext, path: Path) -> str:
@@ -113,8 +142,15 @@ def _dest(ctx: WorkContext, path: Path) -> str:
         raise ValueError(f"{path!r} is not inside the work's root {ctx.root}: {e}") from None
 
 
-def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> TransferRecord | None:
-    """Make this work's copy of ``path`` equal to the origin's current files (SPEC: Path.get)."""
+def get(path: Path, overwrite: bool = False, *, in_place: bool = False, missing_ok: bool = False,
+        keep_newer: bool = False) -> TransferRecord | None:
+    """Make this work's copy of ``path`` equal to the origin's current files (SPEC: Path.get).
+
+    ``in_place`` patches changed files in place instead of renaming new inodes into place.
+    ``missing_ok`` returns None when the path exists nowhere; ``keep_newer`` (the automatic
+    get at the start of a run) keeps this work's files when only an older version than they
+    hold is to be had, where a plain get raises :class:`OlderVersionError`.
+    """
     ctx = require_run("Path.get()")
     origin = path.origin_name
     if origin is None:
@@ -126,10 +162,11 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
     if not overwrite and os.path.lexists(dest):
         raise FileExistsError(17, f"{rel!r} exists in work {ctx.name!r} and overwrite is False", dest)
     t0 = time.perf_counter()
+    held = _held(ctx)
     last: StaleManifestError | None = None
     for _ in range(STALE_RETRIES):
         try:
-            m, source, kind = _locate(ctx, origin, rel)
+            found = _locate(ctx, origin, rel)
         except StaleManifestError as e:  # 409: the origin could not snapshot it consistently
             last = e
             continue
@@ -138,14 +175,18 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
                 f"{e}. The get of {rel!r} from origin work {origin!r} moved nothing. The files at {dest} are unchanged",
                 origin,
             ) from e
+        m, source, kind = found.manifest, found.source, found.kind
         if m is None:
             if missing_ok:
                 return None
             raise FileNotFoundError(2, f"{rel!r} does not exist at its origin {origin!r}", rel)
+        mine = held.held(origin, rel) if kind == "artifacts" and os.path.lexists(dest) else None
+        if mine is not None and (found.version is None or found.version < mine):
+            return _keep_newer(ctx, origin, rel, dest, found, mine, keep_newer, t0)
         target = m
         counting = _Counting(source, f"get {rel}", lambda: ctx.workspace.fetch_plan(target, dest).missing_bytes)
         try:
-            r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite)
+            r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite, **({"in_place": True} if in_place else {}))  # TEMP until sync has in_place
         except StaleManifestError as e:
             last = e
             continue
@@ -158,13 +199,32 @@ def get(path: Path, overwrite: bool = False, *, missing_ok: bool = False) -> Tra
             # manifest we read: the current one names chunks that exist.
             last = StaleManifestError(f"persisted manifest of {rel!r} was replaced during the get: {e}", origin)
             continue
+        if found.version is not None:
+            held.record(origin, rel, found.version)
         wire = source.bytes_received if isinstance(source, OriginSource) else counting.bytes
         return TransferRecord(
             files=r.files, bytes_total=r.bytes_total, chunks_transferred=r.chunks_fetched,
             bytes_transferred=wire, chunks_reused=len(m.chunk_sizes()) - r.chunks_fetched,
-            seconds=time.perf_counter() - t0, source=kind, manifest_id=m.id.hex(),
+            seconds=time.perf_counter() - t0, source=kind, manifest_id=m.id.hex(), version=found.version,
         )
     raise StaleManifestError(f"{rel!r} kept changing at {origin!r} during {STALE_RETRIES} attempts: {last}", origin)
+
+
+def _keep_newer(ctx: WorkContext, origin: str, rel: str, dest: str, found: _Located, mine: Version,
+                keep: bool, t0: float) -> TransferRecord:
+    """The origin is gone and the store holds an older tree than this work's: never go back."""
+    offered = found.version.describe() if found.version is not None else "an unversioned tree"
+    note = (f"origin work {origin!r} is gone and the artifact store holds {offered} of {rel!r}, "
+            f"older than the {mine.describe()} that this work holds at {dest}")
+    if not keep:
+        raise OlderVersionError(f"{note}: the files were kept. Get it again once {origin!r} runs, "
+                                "or delete the local copy to take the stored one", origin)
+    assert found.manifest is not None
+    return TransferRecord(
+        files=0, bytes_total=0, chunks_transferred=0, bytes_transferred=0, chunks_reused=0,
+        seconds=time.perf_counter() - t0, source=found.kind, manifest_id=found.manifest.id.hex(),
+        version=found.version, kept_local=True, note=note + "; this work's files were kept",
+    )
 
 
 def _lost(e: OriginUnreachableError, origin: str, rel: str, dest: str, counting: _Counting) -> OriginUnreachableError:
@@ -197,7 +257,7 @@ def exists_remote(path: Path) -> bool:
         try:
             return OriginClient(origin, url, ctx.secret, ctx.timeout).exists(rel)
         except OriginUnreachableError:
-            if ctx.artifacts.manifest(origin, rel) is None:
+            if ctx.artifacts.lookup(origin, rel) is None:
                 raise
             return True
-    return ctx.artifacts.manifest(origin, rel) is not None
+    return ctx.artifacts.lookup(origin, rel) is not None

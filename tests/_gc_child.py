@@ -28,6 +28,7 @@ from cas.leases import Leases
 from cas.store import LocalRefStore
 from cas.workspace import Workspace
 from pathapi.artifacts import ArtifactStore
+from pathapi.version import Version
 
 
 def write_version(tree: Path, rng: random.Random) -> None:
@@ -61,7 +62,7 @@ def main() -> None:
         with Workspace(app_root / "ws") as ws:
             for i in range(versions):
                 write_version(tree, rng)
-                m = store.persist("writer", "tree", str(tree), ws)
+                m = store.persist("writer", "tree", str(tree), ws, version=Version(1, 1, Version.ENDED))
                 assert m is not None
                 print(f"persisted {i} {m.id.hex()}", flush=True)
         store.close()

@@ -34,7 +34,8 @@ from cas.leases import HOST, LEASE_VERSION, Leases
 from cas.manifest import Manifest
 from cas.store import LocalChunkStore, LocalRefStore, MemoryChunkStore
 from cas.workspace import Workspace
-from pathapi.artifacts import ArtifactStore
+from pathapi.artifacts import ArtifactStore, decode_ref
+from pathapi.version import Version
 
 CHILD = Path(__file__).with_name("_gc_child.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_gc_deletes_exactly_the_chunks_no_manifest_names(tmp_path_factory: pytes
     with Workspace(base / "ws") as ws:
         for i, seed in enumerate(trees):
             write_tree(base / f"t{i}", random.Random(seed))
-            m = store.persist("w", f"t{i}", str(base / f"t{i}"), ws)
+            m = store.persist("w", f"t{i}", str(base / f"t{i}"), ws, version=Version(1, 1, Version.ENDED))
             assert m is not None
             kept[f"w/t{i}"] = m
     # Chunks no ref ever named (a persist killed before its ref, say) are garbage too.
@@ -141,7 +142,7 @@ def test_an_unreadable_ref_aborts_gc_before_anything_is_deleted(tmp_path: Path) 
     store = ArtifactStore.open(None, tmp_path)
     write_tree(tmp_path / "t", random.Random(1))
     with Workspace(tmp_path / "ws") as ws:
-        store.persist("w", "t", str(tmp_path / "t"), ws)
+        store.persist("w", "t", str(tmp_path / "t"), ws, version=Version(1, 1, Version.ENDED))
     store.chunks.put_many([(chunk_id(b"orphan"), b"orphan")])
     before = set(store.chunks.iter_ids())
     ref_file = next(p for p in (tmp_path / "artifacts" / "refs").iterdir() if not p.name.startswith("."))
@@ -193,7 +194,7 @@ def test_persist_waits_while_a_gc_holds_the_exclusive_lease(tmp_path: Path) -> N
 
     def persist() -> None:
         with Workspace(tmp_path / "ws") as ws:
-            store.persist("w", "t", str(tmp_path / "t"), ws)
+            store.persist("w", "t", str(tmp_path / "t"), ws, version=Version(1, 1, Version.ENDED))
         done.set()
 
     t = threading.Thread(target=persist)
@@ -276,7 +277,7 @@ def test_gc_racing_a_persisting_process_never_leaves_a_manifest_without_its_chun
             deleted += report.deleted_chunks
             raw = store.refs.get("writer/tree")
             if raw is not None:
-                m = Manifest.decode(raw)
+                m = decode_ref(raw)[0]
                 # Chunks can only have been added since the collection: the current ref is whole.
                 assert all_readable(store, m), f"after gc run {runs}: the ref names deleted chunks"
         child.wait_for("done")
@@ -284,7 +285,7 @@ def test_gc_racing_a_persisting_process_never_leaves_a_manifest_without_its_chun
         if child.proc.poll() is None:
             child.kill()
     assert child.proc.wait(60) == 0, child.proc.stderr.read()  # type: ignore[union-attr]
-    final = Manifest.decode(store.refs.get("writer/tree"))  # type: ignore[arg-type]
+    final = decode_ref(store.refs.get("writer/tree"))[0]  # type: ignore[arg-type]
     assert all_readable(store, final)
     store.gc(min_garbage=0.0)
     assert set(store.chunks.iter_ids()) == final.chunk_ids()
@@ -406,9 +407,9 @@ def test_pathapi_gc_command_reclaims_old_versions_and_keeps_the_current_one(tmp_
     tree = tmp_path / "tree"
     with Workspace(tmp_path / "ws") as ws:
         write_tree(tree, random.Random(10))
-        old = store.persist("w", "ckpt", str(tree), ws)
+        old = store.persist("w", "ckpt", str(tree), ws, version=Version(1, 1, Version.ENDED))
         write_tree(tree, random.Random(11))
-        new = store.persist("w", "ckpt", str(tree), ws)
+        new = store.persist("w", "ckpt", str(tree), ws, version=Version(1, 1, Version.ENDED))
     assert old is not None and new is not None
     store.close()
 

@@ -16,9 +16,9 @@ from test_gc import Child, all_readable, write_tree
 from test_store_s3 import BUCKET, aws_env
 
 from cas.errors import StoreBusyError
-from cas.manifest import Manifest
 from cas.workspace import Workspace
-from pathapi.artifacts import ArtifactStore
+from pathapi.artifacts import ArtifactStore, decode_ref
+from pathapi.version import Version
 
 
 @pytest.fixture
@@ -34,9 +34,9 @@ def test_gc_on_s3_deletes_the_chunks_of_replaced_versions_only(url: str, tmp_pat
         versions = []
         for seed in range(3):
             write_tree(tree, random.Random(seed))
-            versions.append(store.persist("w", "ckpt", str(tree), ws))
+            versions.append(store.persist("w", "ckpt", str(tree), ws, version=Version(1, 1, Version.ENDED)))
         write_tree(tmp_path / "other", random.Random(99))
-        other = store.persist("w", "other", str(tmp_path / "other"), ws)
+        other = store.persist("w", "other", str(tmp_path / "other"), ws, version=Version(1, 1, Version.ENDED))
     assert other is not None and all(versions)
     live = versions[-1].chunk_ids() | other.chunk_ids()  # type: ignore[union-attr]
     stored = set(store.chunks.iter_ids())
@@ -56,7 +56,7 @@ def test_gc_on_s3_is_refused_while_a_process_holds_a_persist_lease(url: str, tmp
     store = ArtifactStore.open(url, tmp_path)
     write_tree(tmp_path / "t", random.Random(5))
     with Workspace(tmp_path / "ws") as ws:
-        store.persist("w", "t", str(tmp_path / "t"), ws)
+        store.persist("w", "t", str(tmp_path / "t"), ws, version=Version(1, 1, Version.ENDED))
     store.refs.delete("w/t")  # its chunks are garbage now
     child = Child("s3lease", url, "shared")
     try:
@@ -86,13 +86,13 @@ def test_gc_on_s3_racing_a_persisting_process_never_leaves_a_ref_without_its_chu
             deleted += report.deleted_chunks
             raw = store.refs.get("writer/tree")
             if raw is not None:
-                assert all_readable(store, Manifest.decode(raw)), f"after gc run {runs}: the ref names deleted chunks"
+                assert all_readable(store, decode_ref(raw)[0]), f"after gc run {runs}: the ref names deleted chunks"
         child.wait_for("done")
     finally:
         if child.proc.poll() is None:
             child.kill()
     assert child.proc.wait(60) == 0, child.proc.stderr.read()  # type: ignore[union-attr]
-    final = Manifest.decode(store.refs.get("writer/tree"))  # type: ignore[arg-type]
+    final = decode_ref(store.refs.get("writer/tree"))[0]  # type: ignore[arg-type]
     store.gc(min_garbage=0.0)
     assert set(store.chunks.iter_ids()) == final.chunk_ids() and all_readable(store, final)
     assert runs >= 1 and deleted > 0, (runs, deleted)

@@ -35,7 +35,8 @@ from cas.store.base import Payload
 from cas.store.s3 import S3Bucket, S3ChunkStore
 from cas.workspace import Workspace
 from pathapi import App, Flow, Work, WorkError
-from pathapi.artifacts import PERSIST_BATCH, ArtifactStore
+from pathapi.artifacts import PERSIST_BATCH, ArtifactStore, decode_ref
+from pathapi.version import Version
 
 BUCKET = "pathapi-test"
 MiB = 1 << 20
@@ -105,7 +106,7 @@ def assert_consistent(store: ArtifactStore) -> set[ChunkId]:
     for name in store.refs.names():
         raw = store.refs.get(name)
         assert raw is not None
-        needed = Manifest.decode(raw).chunk_ids()
+        needed = decode_ref(raw)[0].chunk_ids()
         assert store.chunks.has_many(needed) == needed, f"ref {name} points at missing chunks"
     return set(ids)
 
@@ -123,7 +124,7 @@ def test_server_killed_mid_persist_leaves_no_manifest_pointing_at_a_missing_chun
 
         def persist() -> None:
             try:
-                outcome.append(store.persist("root.trainer", "ckpt", str(src), workspace))
+                outcome.append(store.persist("root.trainer", "ckpt", str(src), workspace, version=Version(1, 1, Version.ENDED)))
             except BaseException as e:  # noqa: BLE001 - examined below
                 outcome.append(e)
 
@@ -147,7 +148,7 @@ def test_server_killed_mid_persist_leaves_no_manifest_pointing_at_a_missing_chun
         held = assert_consistent(store)
         assert 0 < len(held)  # the first batch is there, complete
 
-        m = store.persist("root.trainer", "ckpt", str(src), workspace)
+        m = store.persist("root.trainer", "ckpt", str(src), workspace, version=Version(1, 1, Version.ENDED))
         assert m is not None
         assert store.manifest("root.trainer", "ckpt") == m
         assert held <= m.chunk_ids() and assert_consistent(store) == m.chunk_ids()
