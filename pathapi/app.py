@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import os
 import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from .flow import Flow, walk_works
-from .runner import AppConfig, WorkHandle
+from .errors import WorkError
+from .runner import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE, AppConfig, WorkHandle
 
 DEFAULT_TIMEOUT = float(os.environ.get("PATHAPI_TIMEOUT", "30"))
 
@@ -34,6 +42,17 @@ class App:
         return {name: (None if h.stopped or not h.process.is_alive() else h.url) for name, h in self.handles.items()}
 
     def run(self) -> Any:
+        """Start the works, run the flow once, stop the works (persisting their Paths).
+
+        Raises ``WorkError`` if a work could not start, or if a parallel work's run failed and
+        the flow never waited for it (all such errors are named). SIGTERM stops the app as
+        Ctrl-C does: ``KeyboardInterrupt`` after the works are stopped
+        (:data:`INTERRUPTED_BY` then says which signal).
+        """
+        if getattr(mp.current_process(), "_inheriting", False):
+            # A spawned process is importing the main module, which calls app.run() again.
+            print(f"pathapi: {UNGUARDED_MAIN_MESSAGE}", file=sys.stderr)
+            raise SystemExit(EXIT_UNGUARDED_MAIN)
         works = list(walk_works(self.flow, "root"))
         seen: dict[int, str] = {}
         for name, w in works:
@@ -41,19 +60,67 @@ class App:
                 raise ValueError(f"the same work object is attached twice: {seen[id(w)]} and {name}")
             seen[id(w)] = name
             object.__setattr__(w, "_name", name)
-        config = AppConfig(self.root, self.store, secrets.token_urlsafe(32), self.timeout, self.host)
+        config = AppConfig(self.root, self.store, secrets.token_urlsafe(32), self.timeout, self.host,
+                           app_run=time.time_ns())
         os.makedirs(self.root, exist_ok=True)
         self.handles = {name: WorkHandle(w, name, config, self._registry) for name, w in works}
-        try:
-            for h in self.handles.values():
-                h.start()
-            for h in self.handles.values():
-                h.wait_ready(self.start_timeout)
-            for name, w in works:
-                object.__setattr__(w, "_handle", self.handles[name])
-            return self.flow.run()
-        finally:
-            for h in self.handles.values():
-                h.stop()
-            for _, w in works:
-                object.__setattr__(w, "_handle", None)
+        with _sigterm_as_interrupt():
+            try:
+                for h in self.handles.values():
+                    h.start()
+                for h in self.handles.values():
+                    h.wait_ready(self.start_timeout)
+                for name, w in works:
+                    object.__setattr__(w, "_handle", self.handles[name])
+                result = self.flow.run()
+            finally:
+                for h in self.handles.values():
+                    h.stop()
+                for _, w in works:
+                    object.__setattr__(w, "_handle", None)
+        errors = [e for e in (h.unobserved_error() for h in self.handles.values()) if e is not None]
+        if errors:
+            raise _combined(errors)
+        return result
+
+
+def _combined(errors: list[WorkError]) -> WorkError:
+    """One WorkError for the failures nobody waited for (the first's traceback kept)."""
+    first = errors[0]
+    if len(errors) == 1:
+        return first
+    others = "; ".join(f"{e.work_name}: {e.args[0]}" for e in errors[1:])
+    combined = WorkError(first.work_name, f"{first.args[0]} (and {len(errors) - 1} more: {others})",
+                         first.remote_traceback)
+    combined.errors = errors  # type: ignore[attr-defined]
+    return combined
+
+
+#: The signal that interrupted the last ``App.run`` (SIGINT or SIGTERM), or None.
+INTERRUPTED_BY: int | None = None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the app runs, SIGTERM raises KeyboardInterrupt in the main thread (so the works
+    are stopped as for Ctrl-C); the previous handler is restored after."""
+    global INTERRUPTED_BY
+    INTERRUPTED_BY = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        global INTERRUPTED_BY
+        INTERRUPTED_BY = signum
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if INTERRUPTED_BY is None:
+            INTERRUPTED_BY = signal.SIGINT
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)

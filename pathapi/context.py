@@ -6,6 +6,7 @@ none, which is how ``Path.get`` and friends know to refuse being called there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cas.workspace import Workspace
@@ -28,6 +29,9 @@ class WorkContext:
     #: which run of this work produced its files' current state (the runner advances it at
     #: the start and end of each run; the origin stamps served manifests with it)
     version: Version = UNKNOWN
+    #: tells the flow that the running work assigned a Path of its own (so that stop() of a
+    #: run that never returns still persists it); set by the runner
+    report_path: Callable[[str], None] | None = None
 
 
 _current: WorkContext | None = None

@@ -8,6 +8,7 @@ back. In the work's own process the same class runs the user's code.
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING, Any
 
 from .path import LIT, Path
@@ -24,6 +25,16 @@ def public_state(obj: object) -> dict[str, Any]:
         k: v for k, v in vars(obj).items()
         if not k.startswith("_") and not isinstance(v, (Work, Flow))
     }
+
+
+def _report_own(work: Work, path: Path) -> None:
+    """In a work's process, during its run: tell the flow this work now holds a Path of its
+    own, so that ``stop()`` persists it even if the run never returns."""
+    from .context import current
+
+    ctx = current()
+    if ctx is not None and ctx.in_run and ctx.report_path is not None and path.origin_name == ctx.name:
+        ctx.report_path(os.fspath(path))
 
 
 class Work:
@@ -65,6 +76,8 @@ class Work:
         elif isinstance(value, Path) and value.origin_name is None and value._origin_work is None:
             value._attach_origin(self)
         object.__setattr__(self, name, value)
+        if isinstance(value, Path) and not name.startswith("_"):
+            _report_own(self, value)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
