@@ -38,8 +38,11 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def maybe_compress(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
-    """(codec, payload): zstd if it saves at least MIN_GAIN, else the data itself."""
+def maybe_compress(data: bytes | bytearray | memoryview) -> tuple[int, bytes | memoryview]:
+    """(codec, payload): zstd if it saves at least MIN_GAIN, else the data itself (a
+    bytearray as a view of it, never copied)."""
+    if isinstance(data, bytearray):
+        data = memoryview(data)
     n = len(data)
     if n < _MIN_SIZE:
         return CODEC_RAW, data

@@ -26,6 +26,7 @@ GC only from other hosts, and only for ``ttl``. The record format is in docs/for
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import secrets
@@ -123,7 +124,7 @@ class Leases:
                 out.append(lease)
         return out
 
-    def live(self, kind: str | None = None) -> list[Lease]:
+    def live(self, kind: str | None = None) -> builtins.list[Lease]:
         now = time.time()
         return [lease for lease in self.list(kind) if lease.live(now)]
 

@@ -136,6 +136,16 @@ class _Walker:
         self.foreign = foreign
 
     def walk_dir(self, abs_dir: str, rel_dir: str, out: list[Entry]) -> None:
+        """Append the entries of the tree under ``abs_dir`` to ``out`` (in no particular
+        order: Manifest.build sorts them). Iterative, with an explicit stack of folders still
+        to list: a tree may be as deep as PATH_MAX allows (~2048 levels), deeper than
+        Python's recursion limit."""
+        todo = [(abs_dir, rel_dir)]
+        while todo:
+            self._list_dir(*todo.pop(), out, todo)
+
+    def _list_dir(self, abs_dir: str, rel_dir: str, out: list[Entry], todo: list[tuple[str, str]]) -> None:
+        """Append the entries of one folder to ``out``; its sub-folders go on ``todo``."""
         try:
             with os.scandir(abs_dir) as it:
                 children = list(it)
@@ -154,7 +164,7 @@ class _Walker:
             mode = st.st_mode
             if stat.S_ISDIR(mode):
                 out.append(Entry(rel, Kind.DIR))
-                self.walk_dir(child.path, rel, out)
+                todo.append((child.path, rel))
             elif stat.S_ISREG(mode):
                 # The walk's lstat is the same signature fstat would give: a cache hit needs
                 # no open at all (what makes re-snapshotting 100k small files cheap).

@@ -104,7 +104,7 @@ def subtree(m: Manifest, sub: str) -> Manifest | None:
         return Manifest.build(m.params, Kind.DIR, entries)
     except UnsafePathError as e:
         raise SubPathError(
-            f"{sub!r} cannot be fetched on its own from the persisted tree: the link {prefix + e.path!r} "
+            f"{sub!r} cannot be fetched on its own from the persisted tree: the link {prefix + (e.path or '')!r} "
             "in it points outside it. Get the whole persisted Path instead"
         ) from None
 
@@ -201,8 +201,8 @@ class ArtifactStore:
     def _persist(self, work: str, rel: str, root: str, workspace: Workspace, version: Version,
                  attempts: int) -> Manifest | None:
         for _ in range(attempts):
-            if not os.path.lexists(root):
-                return None
+            if not (os.path.isfile(root) or os.path.isdir(root)):
+                return None  # nothing there, or a link that leads nowhere: nothing to persist
             m = workspace.snapshot(root)
             missing = sorted(m.chunk_ids() - self.chunks.has_many(m.chunk_ids()))
             seed = SeedSource(m, root)

@@ -1,7 +1,9 @@
 """The consumer side of the origin protocol: ask for manifests, fetch chunks.
 
 Connection problems and timeouts become :class:`OriginUnreachableError` within the
-configured timeout (never a hang); a refused secret is :class:`AuthenticationError`.
+configured timeout (never a hang), and so does an origin that stays busy (503: no
+connection slot free) for that long, after retries with backoff; a refused secret is
+:class:`AuthenticationError`.
 Every chunk is decoded and verified against its id here, before anyone writes it.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -35,6 +38,12 @@ IN_FLIGHT = 4
 _SMALL_ANSWER = 64 << 10
 #: Bytes of an answer that must arrive within each ``timeout`` seconds (or the answer end).
 PROGRESS_BYTES = 64 << 10
+#: A 503 (the origin has no connection slot free) is retried for up to the client's
+#: ``timeout``, waiting what its ``Retry-After`` says (or BUSY_FIRST_WAIT, doubling up to
+#: BUSY_MAX_WAIT, without one), each wait jittered by +-25 % so that consumers turned away
+#: together do not all come back together.
+BUSY_FIRST_WAIT = 0.1
+BUSY_MAX_WAIT = 2.0
 
 _sessions: dict[int, aiohttp.ClientSession] = {}  # one per event loop, used only on that loop
 
@@ -69,7 +78,29 @@ class OriginClient:
 
     async def _request(self, method: str, path: str, limit: int | None = None, **kw: object) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers); a body longer than ``limit`` bytes is an OriginError,
-        raised before more than that is held."""
+        raised before more than that is held. An origin with no connection slot free (503)
+        is asked again with backoff for up to ``timeout`` seconds; then
+        :class:`OriginUnreachableError` names the origin and the reason it gave."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.timeout
+        wait = BUSY_FIRST_WAIT
+        while True:
+            status, body, headers = await self._request_once(method, path, limit, **kw)
+            if status != 503:
+                return status, body, headers
+            left = give_up - loop.time()
+            if left <= 0:
+                raise OriginUnreachableError(
+                    f"origin {self.name!r} at {self.url} is busy: it kept refusing {path} for {self.timeout:g} s "
+                    f"(HTTP 503: {_reason(body)}). It serves again once other clients' connections close; "
+                    "retry later", self.name)
+            hint = _retry_after(headers)
+            pause = hint if hint is not None else wait
+            wait = min(2 * wait, BUSY_MAX_WAIT)
+            await asyncio.sleep(min(left, pause * random.uniform(0.75, 1.25)))
+
+    async def _request_once(self, method: str, path: str, limit: int | None, **kw: object) -> tuple[int, bytes, dict[str, str]]:
+        """One request: (status, body, headers), or the connection's failure as a pathapi error."""
         s = await _session()
         try:
             # Connecting and the first answer each have ``timeout``: the status line and
@@ -185,6 +216,25 @@ class OriginClient:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, body, f"{len(ids)} chunks")
         return body
+
+
+def _reason(body: bytes) -> str:
+    """The ``error`` an origin's JSON answer gives (else the start of the body as text)."""
+    try:
+        why = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        why = None
+    text = why if isinstance(why, str) else body[:300].decode(errors="replace")
+    return text[:300] or "no reason given"
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """A ``Retry-After`` of whole seconds, bounded to [0, BUSY_MAX_WAIT] (None without one:
+    an HTTP date or garbage counts as none)."""
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), "").strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 6:
+        return None
+    return min(float(value), BUSY_MAX_WAIT)
 
 
 def _read_base(where: tuple[str, int], n: int) -> bytes:

@@ -5,14 +5,21 @@ HTTP (aiohttp) on loopback by default; every request must carry the app run's se
 snapshot, cheap thanks to the stat cache), then for chunks of it by id. Chunks are read
 straight from the files and checked against their ids before they are sent: a file that
 changed since the manifest answers "stale", and the consumer starts over with a new one.
+
+Connections are admitted by :class:`_Slots`: one that has not presented the secret within
+HEADER_TIMEOUT is closed, and such connections can never take the slots a consumer needs
+(docs/format.md, "Origin protocol": Connections).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
+import json
 import os
 import resource
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,8 +28,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
-from cas import Kind, Manifest, delta
+from cas import Manifest, delta
 from cas.chunking import iter_chunk_spans
 from cas.compress import decompress, maybe_compress
 from cas.errors import FileChangedError, SnapshotError, UnsafePathError
@@ -65,30 +73,246 @@ CACHE_BYTES = int(os.environ.get("PATHAPI_ORIGIN_CACHE_MB", "64")) << 20
 MAX_ANSWERS = 3
 
 # What a hostile or broken client can hold, and for how long (docs/reliability.md):
-#: A request's headers must have arrived IDLE_TIMEOUT after the connection was made or the
-#: previous answer sent (aiohttp's keep-alive timer: started on connect, not restarted by a
-#: trickle of header bytes). Longer than the client's own keep-alive (15 s), so a pooled
-#: connection is never cut under a consumer that reuses it.
+#: A new connection must have presented the app secret (complete request headers with a
+#: valid ``Authorization``) within HEADER_TIMEOUT of being accepted, or it is closed: a
+#: client without the secret holds a slot for at most this long. A consumer sends its
+#: headers right after connecting, so this only has to cover a slow network.
+HEADER_TIMEOUT = 5.0
+#: On a connection that presented the secret, the next request's headers must have arrived
+#: IDLE_TIMEOUT after the previous answer was sent (aiohttp's keep-alive timer, not
+#: restarted by a trickle of header bytes). Longer than the client's own keep-alive (15 s),
+#: so a pooled connection is never cut under a consumer that reuses it.
 IDLE_TIMEOUT = 60.0
 #: A request body must be read, and an answer taken by the client, within IO_TIMEOUT.
 IO_TIMEOUT = 60.0
-#: Connections held at once (at most half the process's descriptors); more are answered 503
-#: and closed at once. Bounds what slow clients hold until the timeouts above cut them.
+#: Connections held at once (at most half the process's descriptors). Bounds what slow
+#: clients hold until the timeouts above cut them.
 MAX_CONNECTIONS = 1024
+#: The share of those slots (1/RESERVED_SHARE of them, at least one) that only connections
+#: which presented the secret may hold: connections that have not (yet) may hold the rest.
+#: When a new connection finds no slot for it, the oldest connection that has not presented
+#: the secret is closed to make room (a consumer presents it within milliseconds of
+#: connecting, an idle or hostile client never does); only when every slot is held by
+#: clients with the secret is the new one answered 503.
+RESERVED_SHARE = 8
+#: What a 503 (all slots held by clients with the secret) tells the client to wait, seconds.
+BUSY_RETRY_AFTER = 1
+#: A 503 connection reads (and drops) what the client sends for at most this long before it
+#: is closed, so that the client sees the answer rather than a reset; at most
+#: MAX_BUSY_LINGERING such connections linger at once (the others are closed at once).
+BUSY_LINGER = 2.0
+MAX_BUSY_LINGERING = 64
 #: Request line and header limits. A path of 4096 bytes is 12 KiB percent-encoded.
 MAX_REQUEST_LINE = 16 << 10
 MAX_HEADER_FIELD = 8 << 10
 MAX_HEADERS = 32
 _PATH_MAX = 4096  # Linux: a longer path cannot be opened, so it cannot exist here
-_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+#: errno values for which a path (or a link on the way) leads to nothing: it does not exist.
+_NOTHING_THERE = {errno.ENOENT: "does not exist", errno.ENOTDIR: "does not exist (a file where a folder is on its way)",
+                  errno.ELOOP: "is a symlink loop", errno.ENAMETOOLONG: "is too long to exist"}
+
+
+def busy_answer(reason: str, retry_after: int = BUSY_RETRY_AFTER) -> bytes:
+    """The raw 503 answer of a connection refused for want of a slot: the reason as JSON
+    ``{"error": ...}`` in the body and a ``Retry-After`` header (docs/format.md)."""
+    body = json.dumps({"error": reason}).encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        + f"Retry-After: {retry_after}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
 
 
 class _Busy(asyncio.Protocol):
-    """A connection over MAX_CONNECTIONS: answered 503 and closed, never parsed."""
+    """A connection for which there is no slot: answered 503 at once, never parsed. What the
+    client sends is read and dropped for up to BUSY_LINGER seconds (closing on unread bytes
+    would reset the connection and could destroy the answer before the client reads it)."""
+
+    def __init__(self, answer: bytes, slots: _Slots) -> None:
+        self._answer = answer
+        self._slots = slots
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(_BUSY)  # type: ignore[attr-defined]
-        transport.close()
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self._answer)
+        if self._slots.lingering >= MAX_BUSY_LINGERING:
+            transport.close()
+            return
+        self._slots.lingering += 1
+        self._timer = asyncio.get_running_loop().call_later(BUSY_LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request of a client we cannot serve: dropped
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._slots.lingering -= 1
+
+
+class _Tracked(asyncio.Protocol):
+    """One connection in a slot: aiohttp's handler, seen by :class:`_Slots` as it is made
+    and lost (every protocol event is passed on unchanged)."""
+
+    def __init__(self, handler: RequestHandler, slots: _Slots) -> None:
+        self.handler = handler
+        self.slots = slots
+        self.transport: asyncio.Transport | None = None
+        self.requested = False  # a request reached the service on it (an answer may be on its way)
+        self.timer: asyncio.TimerHandle | None = None
+        #: Closed by _Slots before the loop made the connection (accepts come in bursts):
+        #: the answer to send it, if any, once it is made; the handler never sees it.
+        self.doomed: tuple[bytes | None] | None = None
+        self._started = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.doomed is not None:
+            _shut(transport, self.doomed[0])
+            return
+        self._started = True
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._started:
+            self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self._started:
+            self.handler.eof_received()  # None: the transport closes, as for aiohttp alone
+
+    def pause_writing(self) -> None:
+        if self._started:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._started:
+            self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            if self._started:
+                self.handler.connection_lost(exc)
+        finally:
+            self.slots.forget(self)
+
+
+def _shut(transport: asyncio.Transport, answer: bytes | None) -> None:
+    """Close a connection now: with ``answer`` as the only bytes it gets (they fit any
+    socket buffer, so the close is immediate), or aborted, which frees the descriptor at once."""
+    if answer is None:
+        transport.abort()
+        return
+    transport.write(answer)
+    transport.close()
+
+
+class _Slots:
+    """Who holds the origin's connection slots (docs/reliability.md, "Hostile input").
+
+    At most ``cap`` connections at once. A connection is *pending* from its accept until a
+    request on it presents the app secret, then *trusted* until it closes. Guarantees:
+
+    - a pending connection is closed ``header_timeout`` seconds after its accept;
+    - pending connections hold at most ``cap - reserved`` slots: ``reserved`` are left to
+      trusted ones, so clients without the secret can never take every slot;
+    - a new connection that finds no slot closes the oldest pending one (answered 503 if no
+      request reached the service on it yet) and takes its place: idle or hostile clients
+      that never present the secret cannot keep a consumer out, however many they open;
+    - only when all ``cap`` slots are trusted is a new connection answered 503, with the
+      reason and ``Retry-After``; the client retries (pathapi.client).
+    """
+
+    def __init__(self, name: str, cap: int, reserved: int, header_timeout: float) -> None:
+        self.name = name
+        self.cap = cap
+        self.reserved = min(max(1, reserved), cap - 1) if cap > 1 else 0
+        self.header_timeout = header_timeout
+        self._pending: OrderedDict[_Tracked, None] = OrderedDict()  # oldest first
+        self._trusted: set[_Tracked] = set()
+        self._by_handler: dict[RequestHandler, _Tracked] = {}
+        self.lingering = 0  # _Busy connections reading out their request
+        #: Connections closed to make room, closed for not presenting the secret in time, and
+        #: answered 503 (for tests and operators).
+        self.evicted = 0
+        self.expired = 0
+        self.refused = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def trusted(self) -> int:
+        return len(self._trusted)
+
+    def admit(self, make_handler: Callable[[], RequestHandler]) -> asyncio.BaseProtocol:
+        """The protocol for a connection just accepted: a slot of its own, or a 503."""
+        full = len(self._pending) + len(self._trusted) >= self.cap
+        if full or len(self._pending) >= self.cap - self.reserved:
+            if not self._pending:
+                self.refused += 1
+                return _Busy(busy_answer(
+                    f"origin {self.name!r} is at its limit of {self.cap} connections, all held by clients "
+                    f"with the app secret: retry in {BUSY_RETRY_AFTER} s"), self)
+            self._evict(next(iter(self._pending)))
+        conn = _Tracked(make_handler(), self)
+        self._pending[conn] = None
+        self._by_handler[conn.handler] = conn
+        conn.timer = asyncio.get_running_loop().call_later(self.header_timeout, self._expire, conn)
+        return conn
+
+    def trust(self, handler: RequestHandler) -> None:
+        """A request on ``handler``'s connection presented the secret: it keeps its slot."""
+        conn = self._by_handler.get(handler)
+        if conn is None or conn in self._trusted:
+            return
+        self._pending.pop(conn, None)
+        self._trusted.add(conn)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    def saw_request(self, handler: RequestHandler) -> None:
+        conn = self._by_handler.get(handler)
+        if conn is not None:
+            conn.requested = True
+
+    def forget(self, conn: _Tracked) -> None:
+        """``conn`` closed: its slot is free."""
+        self._pending.pop(conn, None)
+        self._trusted.discard(conn)
+        self._by_handler.pop(conn.handler, None)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    def _expire(self, conn: _Tracked) -> None:
+        conn.timer = None
+        if conn in self._pending:
+            self.expired += 1
+            self._close(conn, answer=None)
+
+    def _evict(self, conn: _Tracked) -> None:
+        self.evicted += 1
+        answer = None if conn.requested else busy_answer(
+            f"origin {self.name!r} gave this connection's slot to a newer one: the app secret did not come in time")
+        self._close(conn, answer)
+
+    def _close(self, conn: _Tracked, answer: bytes | None) -> None:
+        """Close a pending connection now (its slot is free at once, whatever the client does)."""
+        self._pending.pop(conn, None)
+        transport = conn.transport
+        if transport is None:  # accepted, not yet made: closed as soon as it is
+            conn.doomed = (answer,)
+        elif not transport.is_closing():
+            _shut(transport, answer)
 
 
 def _parse_delta_request(body: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
@@ -158,7 +382,8 @@ class OriginService:
 
     def __init__(self, name: str, root: str, secret: str, workspace: Workspace, host: str = "127.0.0.1",
                  cache_bytes: int = CACHE_BYTES, *, idle_timeout: float = IDLE_TIMEOUT, io_timeout: float = IO_TIMEOUT,
-                 max_connections: int | None = None, version: Callable[[], Version] | None = None) -> None:
+                 header_timeout: float = HEADER_TIMEOUT, max_connections: int | None = None,
+                 reserved_connections: int | None = None, version: Callable[[], Version] | None = None) -> None:
         self.name = name
         #: which run of the work produced its files now (stamped on every manifest served)
         self.version = version
@@ -176,6 +401,10 @@ class OriginService:
         if max_connections is None:
             max_connections = max(16, min(MAX_CONNECTIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
         self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        #: Slots only connections that presented the secret may hold (see _Slots).
+        self.reserved_connections = max(1, max_connections // RESERVED_SHARE) if reserved_connections is None else reserved_connections
+        self.slots = _Slots(name, max_connections, self.reserved_connections, header_timeout)
         #: Chunk reads from disk, for tests and benchmarks ("each chunk read once").
         self.chunks_read = 0
         self.bytes_read = 0
@@ -206,10 +435,9 @@ class OriginService:
         server = self._runner.server
         assert server is not None
 
-        def connection() -> asyncio.BaseProtocol:  # aiohttp has no connection limit of its own
-            return server() if len(server.connections) < self.max_connections else _Busy()
-
-        self._listener = await asyncio.get_running_loop().create_server(connection, self.host, port)
+        # aiohttp has no connection limit of its own: _Slots admits (or refuses) each one.
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: self.slots.admit(server), self.host, port)
         sock = self._listener.sockets[0]
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
@@ -230,8 +458,14 @@ class OriginService:
         got = request.headers.get("Authorization", "")
         # Header bytes that are not UTF-8 arrive as surrogates: compared as sent, never a 500.
         token = got[7:].encode("utf-8", "surrogateescape") if got.startswith("Bearer ") else b""
+        conn = request.protocol
+        self.slots.saw_request(conn)
         if not hmac.compare_digest(token, self.secret):
-            return web.json_response({"error": "missing or wrong app secret"}, status=401)
+            # Never kept alive: a client without the secret gets no slot beyond this answer.
+            refused = web.json_response({"error": "missing or wrong app secret"}, status=401)
+            refused.force_close()
+            return refused
+        self.slots.trust(conn)
         if request.headers.get(HEADER_PROTOCOL) != PROTOCOL_VERSION:
             return web.json_response({"error": f"protocol version {PROTOCOL_VERSION} required"}, status=400)
         resp = await handler(request)
@@ -278,9 +512,39 @@ class OriginService:
         except PathOutsideRootError as e:
             raise web.HTTPForbidden(text=str(e)) from None
 
+    def _lookup(self, rel: str, full: str) -> tuple[str | None, str]:
+        """Where the files of ``rel`` (at ``full``) are served from, or None and why not.
+
+        A symlink at the path itself (or on its way) is resolved: the answer is the place
+        it leads to, written below ``self.root`` with no link left under the root, which is
+        where the snapshot walks and chunks are read from (with ``O_NOFOLLOW`` below the
+        root). None for a path that leads to nothing: missing, a dangling link, a link loop,
+        a file where a folder is on its way, or neither a file nor a folder (a FIFO, a
+        socket, a device). A link that leads out of the root is a 403 here, as in
+        ``resolve_under``: its target may have changed since that check.
+        """
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(full)
+        if real != real_root and not real.startswith(real_root + os.sep):
+            raise web.HTTPForbidden(text=f"path {rel!r} resolves outside the work's root")
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            why = _NOTHING_THERE.get(e.errno or 0)
+            if why is None:
+                return real, ""  # e.g. EACCES on the way: the snapshot says what it is
+            return None, f"{rel!r} {why} at {self.name}"
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return None, f"{rel!r} is neither a file nor a folder at {self.name}: nothing that can be fetched"
+        return (self.root if real == real_root else os.path.join(self.root, os.path.relpath(real, real_root))), ""
+
     async def _exists(self, request: web.Request) -> web.StreamResponse:
-        full = self._target(request)
-        return web.json_response({"exists": os.path.lexists(full)})
+        """Whether ``get`` finds files at the path: true exactly when it resolves, inside the
+        root, to a file or a folder (a dangling link or a loop is not there; a link out of
+        the root is refused with 403, as the manifest is)."""
+        rel = request.query.get("path", "")
+        where, _ = self._lookup(rel, self._target(request))
+        return web.json_response({"exists": where is not None})
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         """Counters for benchmarks and operators: chunk reads from disk and the frame cache."""
@@ -290,14 +554,18 @@ class OriginService:
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         full = self._target(request)
+        rel = request.query.get("path", "")
         if len(os.fsencode(full)) >= _PATH_MAX or any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in full.split(os.sep)):
-            return web.json_response({"error": f"{request.query.get('path')!r} is too long to exist at {self.name}"}, status=404)
+            return web.json_response({"error": f"{rel!r} is too long to exist at {self.name}"}, status=404)
+        where, why = self._lookup(rel, full)
+        if where is None:
+            return web.json_response({"error": why}, status=404)
         loop = asyncio.get_running_loop()
         # Read before the snapshot: a run that ends meanwhile makes the stamp older than the
         # tree, never newer (a consumer then treats what it got as older, the safe side).
         stamp = {HEADER_VERSION: str(self.version())} if self.version is not None else {}
         try:
-            m = await loop.run_in_executor(self._pool, self.workspace.snapshot, full)
+            m = await loop.run_in_executor(self._pool, self.workspace.snapshot, where)
         except FileNotFoundError:
             return web.json_response({"error": f"{request.query.get('path')!r} does not exist at {self.name}"}, status=404)
         except FileChangedError as e:
@@ -306,14 +574,15 @@ class OriginService:
             return web.json_response({"error": str(e)}, status=403)
         except SnapshotError as e:
             return web.json_response({"error": str(e)}, status=500)
-        self._remember(m, full)
+        self._remember(m, where)
         return web.Response(body=m.encode(), content_type="application/octet-stream",
                             headers={HEADER_MANIFEST_ID: m.id.hex(), **stamp})
 
-    def _remember(self, m: Manifest, full: str) -> None:
-        # A root that is a symlink to a file was resolved by the snapshot; chunks are read with
-        # O_NOFOLLOW, so they are read from the file it resolved to.
-        base = full if m.root_kind == Kind.DIR else os.path.realpath(full)
+    def _remember(self, m: Manifest, base: str) -> None:
+        """Keep where ``m``'s chunks lie: in the files under ``base``, the link-free place
+        (see _lookup) the snapshot walked, so that chunks read with ``O_NOFOLLOW`` below the
+        root come from the files the manifest describes (a Path that is a link to a file or
+        a folder included)."""
         # Manifests name content, not places: two paths (or a link before and after it was
         # retargeted) holding equal trees share an id. Chunks are read from where the tree
         # was snapshotted last: the other place may have changed or gone since.

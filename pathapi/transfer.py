@@ -132,7 +132,7 @@ def _locate(ctx: WorkContext, origin: str, rel: str) -> _Located:
 
 
 def _held(ctx: WorkContext) -> HeldVersions:
-    return HeldVersions(ctx.workspace.state_dir)
+    return HeldVersions(os.fspath(ctx.workspace.state_dir))
 
 
 def _dest(ctx: WorkContext, path: Path) -> str:
@@ -250,8 +250,12 @@ def exists_remote(path: Path) -> bool:
     if origin is None:
         return False
     rel = os.fspath(path)
-    if origin == ctx.name:
-        return os.path.lexists(_dest(ctx, path))
+    if origin == ctx.name:  # the same rule as the origin's /v1/exists: what get could fetch
+        try:
+            real = resolve_under(ctx.root, rel)
+        except PathOutsideRootError:
+            return False
+        return os.path.isfile(real) or os.path.isdir(real)
     url = ctx.registry.get(origin)
     if url:
         try:

@@ -8,6 +8,7 @@ the endpoint and the bucket, never a credential.
 
 from __future__ import annotations
 
+import builtins
 import email.utils
 import logging
 import random
@@ -249,7 +250,7 @@ class S3Bucket:
         date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         return email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
 
-    def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> list[Any]:
+    def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> builtins.list[Any]:
         """``[fn(x) for x in items]``, run on the pool; the first error is raised after all finished."""
         futures = [self.pool.submit(fn, x) for x in items]
         wait(futures)
