@@ -123,3 +123,49 @@ def open_beneath(base: str, path: str, flags: int = os.O_RDONLY) -> int:
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     finally:
         os.close(dfd)
+
+
+_FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share all of src's blocks (Linux)
+
+
+def clone_file(src_fd: int, dst_fd: int) -> bool:
+    """Make the empty file ``dst_fd`` a reflink copy of ``src_fd`` (the blocks are shared
+    until either is written: instant, no space); False where the filesystem cannot."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM,
+                       errno.EBADF, errno.ETXTBSY):
+            return False
+        raise
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of one file to the same offset of another, inside
+    the kernel (copy_file_range(2)); through user space only where the kernel cannot."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            _copy_in_user_space(src_fd, dst_fd, offset + done, length - done)
+            return
+        if n == 0:  # the source ended early: the caller checks the source did not change
+            raise OSError(errno.EIO, f"source ended {length - done} bytes early at offset {offset + done}")
+        done += n
+
+
+def _copy_in_user_space(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    step = 8 << 20
+    end = offset + length
+    while offset < end:
+        data = os.pread(src_fd, min(step, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"source ended {end - offset} bytes early at offset {offset}")
+        pwrite_all(dst_fd, data, offset)
+        offset += len(data)

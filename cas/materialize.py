@@ -41,6 +41,8 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .fsutil import (
+    clone_file,
+    copy_range,
     fsync_dir,
     preallocate,
     pwrite_all,
@@ -50,8 +52,8 @@ from .fsutil import (
     syncfs,
 )
 from .hashing import ChunkId
-from .manifest import MAX_PATH_BYTES, Kind, Manifest
-from .plan import Action, plan_update
+from .manifest import MAX_PATH_BYTES, Entry, Kind, Manifest
+from .plan import Action, Step, plan_update
 from .sources import SeedSource
 from .store.base import ChunkSource
 
@@ -198,8 +200,15 @@ def materialize(
     sources: Sequence[ChunkSource] = (),
     remote: ChunkSource | None = None,
     foreign: Sequence[str] = (),
+    in_place: bool = False,
 ) -> MaterializeResult:
     """Make ``dest`` equal to ``target``; files and folders not in ``target`` are removed.
+
+    A changed file becomes a new inode renamed into place (readers of the old file, and hard
+    links to it, keep the old bytes); its unchanged ranges are copied from the old file in
+    the kernel (a reflink where the filesystem has them). ``in_place=True`` writes the changed
+    ranges of a little-changed file into the file itself instead (journaled, crash-safe, but
+    readers see the change as it happens, and an mmap of a file that shrinks gets SIGBUS).
 
     ``local`` is the manifest of what is at ``dest`` now (None if nothing is, or if it is a
     symlink), ``foreign`` the paths under ``dest`` that ``local`` could not describe (links
@@ -219,7 +228,8 @@ def materialize(
     os.makedirs(os.path.join(txn, "stage"))
     resume = _resume_source(state)
     try:
-        prep = _prepare(plan.steps, target, dest, txn, [*sources, *([resume] if resume else [])], remote, local)
+        prep = _prepare(plan.steps, target, dest, txn, [*sources, *([resume] if resume else [])], remote, local,
+                        in_place)
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
         ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
         _commit(txn, dest, ops)
@@ -293,7 +303,8 @@ class _Prepared:
     written: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, local) -> _Prepared:  # type: ignore[no-untyped-def]
+def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sources: Sequence[ChunkSource],
+             remote: ChunkSource | None, local: Manifest | None, in_place: bool) -> _Prepared:
     """Phase 1: stage every new byte under ``txn``; return the operations that apply them."""
     old_files = local.by_path if local is not None and local.root_kind == target.root_kind else {}
     # Where this side holds the bytes that stood at a chunk's place before: a remote that
@@ -308,6 +319,7 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
     data_fd = -1  # the journal data file's slot
     data_slots: dict[ChunkId, int] = {}
     data_len = 0
+    copies: list[tuple[int, str, Entry, Entry, list[tuple[ChunkId, int, int]]]] = []
     try:
         for i, step in enumerate(steps):
             e = step.entry
@@ -334,6 +346,24 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                         bases.setdefault(cid, (_under(dest, rel), off))
                 out.ops.append(["place", name, rel])
                 stage_names.append((name, rel))
+            elif step.action == Action.PATCH and not in_place:
+                # A new inode: the unchanged ranges come from the old file (in the kernel,
+                # see _copy_unchanged), the changed ones from the sources like any chunk.
+                name = f"{i:08d}"
+                slot = files.add(os.path.join(txn, "stage", name), EXEC_MODE if e.executable else FILE_MODE, 0)
+                staged.append((slot, rel))
+                changed = {off for off, _, _ in step.ranges}
+                kept = []
+                for cid, off, n in iter_chunk_spans(e.chunks):
+                    if off in changed:
+                        targets[cid].append((slot, off))
+                        sizes[cid] = n
+                        bases.setdefault(cid, (_under(dest, rel), off))
+                    else:
+                        kept.append((cid, off, n))
+                copies.append((slot, _under(dest, rel), old_files[rel], e, kept))
+                out.ops.append(["place", name, rel])
+                stage_names.append((name, rel))
             elif step.action == Action.PATCH:
                 if data_fd < 0:
                     data_fd, _ = files.create(os.path.join(txn, "data"))
@@ -351,6 +381,13 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
                 out.ops.append(["patch", rel, e.size, e.executable, patches])
         if data_fd >= 0:
             preallocate(files.fd(data_fd), data_len)
+        for slot, old_path, old, e, kept in copies:
+            if _copy_unchanged(old_path, old, files.fd(slot), e.size, kept):
+                out.chunks_reused += len(kept)
+            else:  # the old file changed under us: its kept chunks come from verified sources
+                for cid, off, n in kept:
+                    targets[cid].append((slot, off))
+                    sizes[cid] = n
         _write_resume_index(txn, target, {name: rel for name, rel in stage_names}, list(data_slots))
 
         dirty: dict[int, int] = defaultdict(int)
@@ -412,6 +449,48 @@ def _prepare(steps, target: Manifest, dest: str, txn: str, sources, remote, loca
         return out
     finally:
         files.close()
+
+
+def _copy_unchanged(old_path: str, old: Entry, fd: int, size: int, kept: list[tuple[ChunkId, int, int]]) -> bool:
+    """Give the new (empty) file ``fd`` its final ``size`` and the old file's bytes at the
+    ``kept`` spans, in the kernel: a reflink of the whole file where the filesystem has them,
+    else copy_file_range(2) of those spans only. False, with nothing promised about ``fd``'s
+    bytes, if the old file is not the one the plan was made from (its size differs from
+    ``old``'s, or it changed while being copied): the caller then fills the spans from
+    sources that verify what they give."""
+    try:
+        src = os.open(old_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        before = os.fstat(src)
+        if not stat.S_ISREG(before.st_mode) or before.st_size != old.size:
+            return False
+        if clone_file(src, fd):
+            os.ftruncate(fd, size)
+        else:
+            preallocate(fd, size)
+            for off, n in _merge_spans(kept):
+                copy_range(src, fd, off, n)
+        after = os.fstat(src)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        return False
+    finally:
+        os.close(src)
+    return (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+
+
+def _merge_spans(spans: list[tuple[ChunkId, int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) runs covering ``spans`` (sorted by offset), adjacent ones merged."""
+    runs: list[tuple[int, int]] = []
+    for _, off, n in spans:
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((off, n))
+    return runs
 
 
 class _OpenFiles:

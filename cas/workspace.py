@@ -67,11 +67,14 @@ class Workspace:
         remote: ChunkSource | None = None,
         sources: Sequence[ChunkSource] = (),
         overwrite: bool = True,
+        in_place: bool = False,
     ) -> MaterializeResult:
         """Make ``dest`` equal to ``target``, fetching from ``remote`` only chunks held nowhere here.
 
         With ``overwrite=False`` a ``dest`` that exists raises ``FileExistsError`` and nothing
-        is written. Chunks come first from ``dest``'s own files, then from ``sources``.
+        is written. Chunks come first from ``dest``'s own files, then from ``sources``. A
+        changed file becomes a new file renamed into place unless ``in_place`` (see
+        :func:`cas.materialize.materialize`).
         """
         if target.params != self.chunker.params:
             raise MaterializeError(
@@ -85,7 +88,7 @@ class Workspace:
             seeds: list[ChunkSource] = [SeedSource(local, dest)] if local is not None else []
             result = materialize(
                 target, dest, state_dir=self.state_dir, local=local, sources=[*seeds, *sources], remote=remote,
-                foreign=foreign,
+                foreign=foreign, in_place=in_place,
             )
             self._remember(target, os.fspath(dest), result.written)
             return result

@@ -186,7 +186,7 @@ def get(path: Path, overwrite: bool = False, *, in_place: bool = False, missing_
         target = m
         counting = _Counting(source, f"get {rel}", lambda: ctx.workspace.fetch_plan(target, dest).missing_bytes)
         try:
-            r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite, **({"in_place": True} if in_place else {}))  # TEMP until sync has in_place
+            r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite, in_place=in_place)
         except StaleManifestError as e:
             last = e
             continue

@@ -246,19 +246,28 @@ def test_sync_twice_fetches_nothing_the_second_time(sc, chunker):
     assert second.delivered == []
 
 
-def test_sync_patches_a_large_file_in_place_writing_only_the_changed_chunks_and_its_new_mode(sc, chunker):
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-inode", "in-place"])
+def test_sync_of_a_little_changed_file_writes_only_the_changed_chunks_and_its_new_mode(sc, chunker, in_place):
     data = make_bytes("random", 5, 1 * MiB)
     write_tree(sc.origin, {"big": File(data), "other": File(b"x")})
     sync_and_check(sc, {"big": File(data), "other": File(b"x")}, chunker)
-    inode = os.lstat(os.path.join(sc.dest, "big")).st_ino
+    old = open(os.path.join(sc.dest, "big"), "rb")  # a reader of the old file
+    inode = os.fstat(old.fileno()).st_ino
     changed = data[:300_000] + b"patched!" + data[300_008:700_000] + b"shorter"
     os.unlink(os.path.join(sc.origin, "big"))
     with open(os.path.join(sc.origin, "big"), "wb") as f:
         f.write(changed)
     os.chmod(os.path.join(sc.origin, "big"), 0o755)
     tree = {"big": File(changed, True), "other": File(b"x")}
-    sync_and_check(sc, tree, chunker)
-    assert os.lstat(os.path.join(sc.dest, "big")).st_ino == inode  # patched in place, not replaced
+    remote = sync_and_check(sc, tree, chunker, in_place=in_place)
+    sizes = manifest_of(tree, chunker=chunker).chunk_sizes()
+    assert sum(sizes[c] for c in remote.delivered) < 200_000  # the changed chunks only
+    with old:
+        if in_place:  # patched where it is: the reader sees the new bytes
+            assert os.lstat(os.path.join(sc.dest, "big")).st_ino == inode
+        else:  # a new file renamed into place: the reader keeps the old bytes
+            assert os.lstat(os.path.join(sc.dest, "big")).st_ino != inode
+            assert old.read() == data
     m = manifest_of(tree, chunker=chunker)
     result = sc.rws.sync(m, sc.dest, remote=sc.store)  # nothing left to do
     assert (result.bytes_written, result.chunks_fetched) == (0, 0)
