@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import stat
@@ -74,6 +75,7 @@ SYNCFS_MIN_FILES = 32
 EXEC_MODE = 0o755
 
 _thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+_log = logging.getLogger("cas.materialize")
 
 
 @dataclass(frozen=True)
@@ -117,17 +119,19 @@ def recover(state_dir: str | os.PathLike[str]) -> bool:
     ops_path = os.path.join(txn, "ops")
     replayed = False
     if os.path.exists(ops_path):
-        with open(ops_path, "rb") as f:
-            journal = _load_journal(f.read(), ops_path)
         try:
+            with open(ops_path, "rb") as f:
+                journal = _load_journal(f.read(), ops_path)
             _apply(journal["dest"], txn, journal["ops"])
-        except MaterializeError:
-            raise
-        except OSError as e:  # say which journal could not be finished, keep the errno
-            err = MaterializeError(f"cannot finish the sync into {journal['dest']} recorded in {ops_path}: {e}", journal["dest"])
-            err.errno = e.errno
-            raise err from e
-        replayed = True
+            replayed = True
+        except (OSError, MaterializeError) as e:
+            # It cannot be finished now (a folder made read-only, a file where a folder must
+            # go, a damaged journal...). The sync that committed it reported its destination
+            # as partly updated; its staged files are kept for resume below, and the next
+            # sync of that destination plans afresh from what is there. Never fatal here:
+            # one destination's trouble must not block syncs of the others.
+            _log.warning("abandoned the unfinished sync recorded in %s (the next sync of its destination "
+                         "completes that destination): %s", ops_path, e)
     if os.path.lexists(txn):
         if replayed:
             shutil.rmtree(txn)
@@ -223,6 +227,7 @@ def materialize(
     state = os.path.abspath(state_dir)
     _check_same_filesystem(dest, state)
     _check_path_lengths(target, dest)
+    _check_parents(dest)
     plan = plan_update(local, target)
     txn = os.path.join(state, "txn")
     os.makedirs(os.path.join(txn, "stage"))
@@ -232,6 +237,7 @@ def materialize(
                         in_place)
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
         ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
+        locked_dirs = _check_writable(dest, ops)
         _commit(txn, dest, ops)
     except BaseException as e:
         _keep_for_resume(state)  # what this attempt staged (old resumed chunks included)
@@ -244,7 +250,13 @@ def materialize(
             err.errno = e.errno
             raise err from e
         raise
-    written = prep.written | _apply(dest, txn, ops)
+    unlocked = _unlock(locked_dirs)
+    try:
+        written = prep.written | _apply(dest, txn, ops)
+    except OSError as e:
+        raise _apply_error(dest, e) from e
+    finally:
+        _relock(unlocked)
     shutil.rmtree(txn)
     shutil.rmtree(os.path.join(state, "resume"), ignore_errors=True)
     return MaterializeResult(
@@ -279,6 +291,99 @@ def _check_path_lengths(target: Manifest, dest: str) -> None:
             )
             err.errno = errno.ENAMETOOLONG
             raise err
+
+
+def _check_parents(dest: str) -> None:
+    """Refuse, before anything is staged, a destination whose parent folders cannot be made:
+    a file (or anything but a folder) stands where one of them must go. That is outside the
+    destination, so it is the user's to move, never ours to remove."""
+    probe = os.path.dirname(dest)
+    while probe and not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        err = MaterializeError(
+            f"cannot create {dest}: {probe} is a file where a folder must be. Move or remove {probe}, "
+            f"or get into another destination; nothing at {dest} was changed",
+            dest,
+        )
+        err.errno = errno.ENOTDIR
+        raise err
+
+
+def _check_writable(dest: str, ops: list[list[object]]) -> list[str]:
+    """Check, before the commit point, that every existing folder the operations write into
+    can be written by us: it is, or we own it (then it is made writable while the operations
+    run, and its mode restored after). Returns those owned read-only folders; a folder we can
+    neither write nor chmod is a MaterializeError naming it, with nothing changed."""
+    euid = os.geteuid()
+    seen: set[str] = set()
+    owned: list[str] = []
+    for op in ops:
+        rel = str(op[2] if op[0] == "place" else op[1])
+        folder = os.path.dirname(_under(dest, rel))
+        while folder not in seen and not os.path.lexists(folder):  # created by us: writable
+            seen.add(folder)
+            folder = os.path.dirname(folder)
+        if folder in seen:
+            continue
+        seen.add(folder)
+        if not os.path.isdir(folder):
+            continue  # inside dest, a file where a folder goes is replaced; outside, _check_parents
+        if os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            continue
+        if os.stat(folder).st_uid == euid:
+            owned.append(folder)
+            continue
+        err = MaterializeError(
+            f"cannot update {dest}: the folder {folder} is not writable by this process (uid {euid}) "
+            f"and belongs to another user. Make it writable (chmod u+w, or change its owner), then get "
+            f"again; nothing at {dest} was changed",
+            dest,
+        )
+        err.errno = errno.EACCES
+        raise err
+    return owned
+
+
+def _unlock(folders: list[str]) -> list[tuple[str, int]]:
+    """Give the owner write and search permission on ``folders``; their former modes."""
+    done = []
+    for folder in folders:
+        try:
+            mode = stat.S_IMODE(os.stat(folder).st_mode)
+            os.chmod(folder, mode | stat.S_IRWXU)
+        except OSError:
+            continue  # _apply reports what it then cannot do
+        done.append((folder, mode))
+    return done
+
+
+def _relock(folders: list[tuple[str, int]]) -> None:
+    for folder, mode in reversed(folders):
+        try:
+            os.chmod(folder, mode)
+        except OSError:
+            pass  # removed by the sync
+
+
+def _apply_error(dest: str, e: OSError) -> MaterializeError:
+    """What an operation after the commit point could not do, where, and what to do about it."""
+    where = os.fsdecode(e.filename2 or e.filename or dest)  # a rename: where it was going
+    if e.errno in (errno.EACCES, errno.EPERM):
+        remedy = f"make the folder {os.path.dirname(where)} writable by this process"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY):
+        remedy = f"remove {where}, which stands where the tree needs something else"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        remedy = "free space on its filesystem"
+    else:
+        remedy = "fix the cause"
+    err = MaterializeError(
+        f"could not finish updating {dest}: {e.strerror or e} at {where}. {dest} is partly updated: "
+        f"{remedy}, then get again to complete it",
+        dest,
+    )
+    err.errno = e.errno
+    return err
 
 
 def _check_same_filesystem(dest: str, state: str) -> None:
