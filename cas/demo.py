@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli import push_tree
 from .manifest import Manifest
-from .sources import SeedSource
+from .store.base import ChunkStore
 from .store.local import LocalChunkStore
 from .workspace import Workspace
 
@@ -42,11 +43,10 @@ def _edit(root: Path, rng: random.Random) -> None:
     (root / "checkpoints" / "step.txt").write_text("1000\n")
 
 
-def _publish(ws: Workspace, store: LocalChunkStore, root: Path) -> Manifest:
-    m = ws.snapshot(root)
-    missing = set(m.chunk_ids()) - store.has_many(m.chunk_ids())
-    store.put_many(SeedSource(m, root).get_many(sorted(missing)))
-    return m
+def _publish(ws: Workspace, store: ChunkStore, root: Path) -> Manifest:
+    """Snapshot ``root`` and store its chunks, as ``cas push`` does (never a manifest naming
+    a chunk that was skipped because its file changed meanwhile)."""
+    return push_tree(ws, store, root)[0]
 
 
 def run(size: int = 64 * MiB, out: Callable[[str], None] = print, seed: int = 7) -> None:

@@ -24,19 +24,31 @@ from .errors import ManifestError, UnsafePathError, UnsupportedVersionError
 from .hashing import ChunkId
 
 MAGIC = b"CASM"
-VERSION = 1
+#: Version 2 records mode bits (files, folders, the root folder); version 1 is still read.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_SYMLINK_HOPS = 40
 
 _HEADER = struct.Struct("<4sHBIIIBI")  # magic, version, algorithm, min, avg, max, root kind, count
-_ENTRY = struct.Struct("<BBH")  # kind, flags, path length
+_ROOT_MODE = struct.Struct("<H")  # version 2: the root folder's mode (after the header)
+_ENTRY = struct.Struct("<BBH")  # version 1: kind, flags, path length
+_ENTRY_V2 = struct.Struct("<BBHH")  # version 2: kind, flags, path length, mode
 _FILE = struct.Struct("<QI")  # size, chunk count
 _LINK = struct.Struct("<H")  # target length
 _LEN = struct.Struct("<I")
 
 FLAG_EXECUTABLE = 0x01
+#: The mode of an entry that records none (a symlink; anything decoded from version 1).
+NO_MODE = 0xFFFF
+#: The permission bits a manifest carries: rwx for user, group and other. setuid, setgid and
+#: sticky bits are never recorded (a receiver must not grant them).
+MODE_BITS = 0o777
+DEFAULT_FILE_MODE = 0o644
+DEFAULT_EXEC_MODE = 0o755
+DEFAULT_DIR_MODE = 0o755
 
 _ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -56,7 +68,10 @@ class Entry:
     """One node of the tree. ``path`` is relative POSIX; ``""`` is the root itself.
 
     Files carry ``size`` and ``chunks`` (a packed chunk list, see :mod:`cas.chunking`);
-    symlinks carry ``target`` (relative, resolving inside the root).
+    symlinks carry ``target`` (relative, resolving inside the root). Files and folders may
+    carry ``mode``, their permission bits (``MODE_BITS``); None where none was recorded, which
+    materializes as the defaults (0644, 0755 when ``executable``, 0755 for a folder). A file's
+    ``executable`` is its owner's x bit.
     """
 
     path: str
@@ -65,6 +80,16 @@ class Entry:
     size: int = 0
     chunks: bytes = b""
     target: str = ""
+    mode: int | None = None
+
+    @property
+    def perm(self) -> int:
+        """The permission bits to give this file or folder (its mode, or the default)."""
+        if self.mode is not None:
+            return self.mode
+        if self.kind == Kind.DIR:
+            return DEFAULT_DIR_MODE
+        return DEFAULT_EXEC_MODE if self.executable else DEFAULT_FILE_MODE
 
     def chunk_refs(self) -> list[tuple[ChunkId, int]]:
         return list(iter_chunks(self.chunks))
@@ -74,10 +99,10 @@ class Entry:
         return len(self.chunks) // RECORD_SIZE
 
     def same_content(self, other: Entry) -> bool:
-        """Equal in everything materialize writes (kind, bytes, exec bit, link target)."""
+        """Equal in everything materialize writes (kind, bytes, mode, link target)."""
         return (
             self.kind == other.kind
-            and self.executable == other.executable
+            and (self.kind == Kind.SYMLINK or self.perm == other.perm)
             and self.chunks == other.chunks
             and self.target == other.target
         )
@@ -91,26 +116,37 @@ class Manifest:
     root_kind: Kind
     entries: tuple[Entry, ...]
     _encoded: bytes = field(repr=False, compare=False)
+    #: A folder tree's root folder mode (None: not recorded, materialized as 0755).
+    root_mode: int | None = None
 
     # -- construction ------------------------------------------------------------
     @classmethod
-    def build(cls, params: ChunkerParams, root_kind: Kind, entries: list[Entry]) -> Manifest:
+    def build(cls, params: ChunkerParams, root_kind: Kind, entries: list[Entry],
+              root_mode: int | None = None) -> Manifest:
         """Sort, validate and encode ``entries`` (UnsafePathError/ManifestError if not valid)."""
         ordered = tuple(sorted(entries, key=lambda e: e.path.encode("utf-8", "surrogateescape")))
-        encoded = _encode(params, root_kind, ordered)
+        if root_kind != Kind.DIR:
+            root_mode = None
+        _check_mode("the root folder", root_mode)
+        encoded = _encode(params, root_kind, ordered, root_mode)
         # The checks a receiver runs after parsing (what parsing itself checks, _encode
         # enforces: UTF-8, field ranges); re-parsing our own bytes would cost a third of a
         # snapshot of many small cached files.
         _validate(root_kind, ordered, params)
-        return cls(params, Kind(root_kind), ordered, encoded)
+        return cls(params, Kind(root_kind), ordered, encoded, root_mode)
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Manifest:
         """Parse and validate an encoded manifest; :class:`ManifestError` on anything wrong."""
         data = bytes(data)
-        params, root_kind, entries = _decode(data)
+        params, root_kind, entries, root_mode = _decode(data)
         _validate(root_kind, entries, params)
-        return cls(params, root_kind, entries, data)
+        return cls(params, root_kind, entries, data, root_mode)
+
+    @property
+    def root_perm(self) -> int:
+        """The permission bits of a folder tree's root folder (its mode, or 0755)."""
+        return DEFAULT_DIR_MODE if self.root_mode is None else self.root_mode
 
     def encode(self) -> bytes:
         return self._encoded
@@ -164,17 +200,19 @@ def file_entry(path: str, refs: list[tuple[ChunkId, int]], executable: bool = Fa
 
 
 # -- encoding ---------------------------------------------------------------------
-def _encode(params: ChunkerParams, root_kind: Kind, entries: tuple[Entry, ...]) -> bytes:
+def _encode(params: ChunkerParams, root_kind: Kind, entries: tuple[Entry, ...], root_mode: int | None) -> bytes:
     out = [
         _HEADER.pack(
             MAGIC, VERSION, params.algorithm, params.min_size, params.avg_size,
             params.max_size, int(root_kind), len(entries),
-        )
+        ),
+        _ROOT_MODE.pack(NO_MODE if root_mode is None else root_mode),
     ]
     for e in entries:
         path = _utf8(e.path)
         try:
-            out.append(_ENTRY.pack(int(e.kind), FLAG_EXECUTABLE if e.executable else 0, len(path)))
+            mode = NO_MODE if e.mode is None else e.mode
+            out.append(_ENTRY_V2.pack(int(e.kind), FLAG_EXECUTABLE if e.executable else 0, len(path), mode))
             out.append(path)
             if e.kind == Kind.FILE:
                 if len(e.chunks) % RECORD_SIZE:
@@ -203,8 +241,9 @@ def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
     magic, version, algo, mn, avg, mx, root, count = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise ManifestError(f"not a manifest (magic {magic!r}, want {MAGIC!r})")
-    if version != VERSION:
-        raise UnsupportedVersionError(f"manifest format version {version} is not supported (this reads {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise UnsupportedVersionError(
+            f"manifest format version {version} is not supported (this reads {', '.join(map(str, READABLE_VERSIONS))})")
     try:
         params = ChunkerParams(algo, mn, avg, mx)
         root_kind = Kind(root)
@@ -212,16 +251,32 @@ def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
         raise ManifestError(f"bad manifest header: {e}") from None
     if root_kind == Kind.SYMLINK:
         raise ManifestError("manifest root cannot be a symlink")
-    # Every entry takes at least _ENTRY.size bytes: refuse absurd counts before allocating.
-    if count > (len(data) - _HEADER.size) // _ENTRY.size:
-        raise ManifestError(f"manifest declares {count} entries but has only {len(data)} bytes")
     pos = _HEADER.size
+    root_mode: int | None = None
+    entry_head = _ENTRY
+    if version >= 2:
+        if len(data) < pos + _ROOT_MODE.size:
+            raise ManifestError(f"manifest truncated: {len(data)} bytes, header needs {pos + _ROOT_MODE.size}")
+        (raw_root,) = _ROOT_MODE.unpack_from(data, pos)
+        pos += _ROOT_MODE.size
+        root_mode = _mode_of(raw_root, "the root folder")
+        if root_mode is not None and root_kind != Kind.DIR:
+            raise ManifestError("a file manifest records no root folder mode")
+        entry_head = _ENTRY_V2
+    # Every entry takes at least entry_head.size bytes: refuse absurd counts before allocating.
+    if count > (len(data) - pos) // entry_head.size:
+        raise ManifestError(f"manifest declares {count} entries but has only {len(data)} bytes")
     entries: list[Entry] = []
     try:
         for _ in range(count):
-            kind_no, flags, plen = _ENTRY.unpack_from(data, pos)
-            pos += _ENTRY.size
+            if version >= 2:
+                kind_no, flags, plen, raw_mode = _ENTRY_V2.unpack_from(data, pos)
+            else:
+                kind_no, flags, plen = _ENTRY.unpack_from(data, pos)
+                raw_mode = NO_MODE
+            pos += entry_head.size
             path = _take(data, pos, plen).decode("utf-8")
+            mode = _mode_of(raw_mode, repr(path))
             pos += plen
             kind = _KIND_OF.get(kind_no)
             if kind is None:
@@ -233,10 +288,10 @@ def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
                 pos += _FILE.size
                 chunks = _take(data, pos, nchunks * RECORD_SIZE)
                 pos += len(chunks)
-                entries.append(Entry(path, kind, bool(flags & FLAG_EXECUTABLE), size, chunks))
+                entries.append(Entry(path, kind, bool(flags & FLAG_EXECUTABLE), size, chunks, mode=mode))
             elif kind == Kind.SYMLINK:
-                if flags:
-                    raise ManifestError(f"{path!r}: a symlink carries no flags")
+                if flags or mode is not None:
+                    raise ManifestError(f"{path!r}: a symlink carries no flags and no mode")
                 (tlen,) = _LINK.unpack_from(data, pos)
                 pos += _LINK.size
                 target = _take(data, pos, tlen).decode("utf-8")
@@ -245,7 +300,7 @@ def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
             else:
                 if flags:
                     raise ManifestError(f"{path!r}: a directory carries no flags")
-                entries.append(Entry(path, kind))
+                entries.append(Entry(path, kind, mode=mode))
     except struct.error:
         raise ManifestError(f"manifest truncated at byte {pos} of {len(data)}") from None
     except UnicodeDecodeError as e:
@@ -256,7 +311,20 @@ def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
         raise ManifestError(f"bad manifest entry at byte {pos}: {e}") from None
     if pos != len(data):
         raise ManifestError(f"manifest has {len(data) - pos} trailing bytes")
-    return params, root_kind, tuple(entries)
+    return params, root_kind, tuple(entries), root_mode
+
+
+def _mode_of(raw: int, what: str) -> int | None:
+    if raw == NO_MODE:
+        return None
+    if raw & ~MODE_BITS:
+        raise ManifestError(f"{what}: mode {raw:#o} has bits beyond {MODE_BITS:#o}")
+    return raw
+
+
+def _check_mode(what: str, mode: int | None) -> None:
+    if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or mode & ~MODE_BITS or mode < 0):
+        raise ManifestError(f"{what}: mode {mode!r} is not permission bits within {MODE_BITS:#o}")
 
 
 def _take(data: bytes, pos: int, n: int) -> bytes:
@@ -334,6 +402,12 @@ def _validate(root_kind: Kind, entries: tuple[Entry, ...], params: ChunkerParams
             raise ManifestError(f"{e.path!r}: unknown entry kind {e.kind!r}")
         if e.executable and e.kind != Kind.FILE:
             raise ManifestError(f"{e.path!r}: only a file can be executable")
+        if e.mode is not None:
+            _check_mode(repr(e.path), e.mode)
+            if e.kind == Kind.SYMLINK:
+                raise ManifestError(f"{e.path!r}: a symlink has no mode")
+            if e.kind == Kind.FILE and e.executable != bool(e.mode & 0o100):
+                raise ManifestError(f"{e.path!r}: executable={e.executable} but mode {e.mode:#o}")
         if e.kind == Kind.FILE:
             total = 0
             for cid, n in iter_chunks(e.chunks):

@@ -53,16 +53,16 @@ from .fsutil import (
     syncfs,
 )
 from .hashing import ChunkId
-from .manifest import MAX_PATH_BYTES, Entry, Kind, Manifest
+from .manifest import MAX_PATH_BYTES, MODE_BITS, Entry, Kind, Manifest
 from .plan import Action, Step, plan_update
 from .sources import SeedSource
 from .store.base import ChunkSource
 
 JOURNAL_FORMAT = "cas-journal"
-JOURNAL_VERSION = 1
+#: Version 2: modes are permission bits (chmod, patch) and folders get "dirmode" operations.
+JOURNAL_VERSION = 2
 RESUME_FORMAT = "cas-resume"
 RESUME_INDEX = "resume.json"
-FILE_MODE = 0o644
 #: Staged bytes after which their writeback to disk is started (so the fsync at the end of
 #: phase 1 does not begin from a whole file of dirty pages).
 WRITEBACK_EVERY = 32 << 20
@@ -72,7 +72,6 @@ MAX_OPEN_FILES = 64
 #: More staged files (or touched folders) than this are made durable by one syncfs(2), not
 #: an fsync each.
 SYNCFS_MIN_FILES = 32
-EXEC_MODE = 0o755
 
 _thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 _log = logging.getLogger("cas.materialize")
@@ -237,6 +236,7 @@ def materialize(
                         in_place)
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
         ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
+        ops += [["dirmode", p, mode] for p, mode in plan.modes]
         locked_dirs = _check_writable(dest, ops)
         _commit(txn, dest, ops)
     except BaseException as e:
@@ -255,8 +255,9 @@ def materialize(
         written = prep.written | _apply(dest, txn, ops)
     except OSError as e:
         raise _apply_error(dest, e) from e
-    finally:
-        _relock(unlocked)
+    finally:  # a folder the target gives a mode has it; the others get theirs back
+        moded = {_under(dest, str(op[1])) for op in ops if op[0] == "dirmode"}
+        _relock([(folder, mode) for folder, mode in unlocked if folder not in moded])
     shutil.rmtree(txn)
     shutil.rmtree(os.path.join(state, "resume"), ignore_errors=True)
     return MaterializeResult(
@@ -318,8 +319,13 @@ def _check_writable(dest: str, ops: list[list[object]]) -> list[str]:
     euid = os.geteuid()
     seen: set[str] = set()
     owned: list[str] = []
+    created = {str(op[2] if op[0] == "place" else op[1]) for op in ops if op[0] in ("place", "mkdir", "link")}
     for op in ops:
         rel = str(op[2] if op[0] == "place" else op[1])
+        if op[0] in ("chmod", "dirmode"):
+            if rel not in created:  # what this sync creates is ours
+                _check_owned(dest, _under(dest, rel), euid)
+            continue
         folder = os.path.dirname(_under(dest, rel))
         while folder not in seen and not os.path.lexists(folder):  # created by us: writable
             seen.add(folder)
@@ -343,6 +349,22 @@ def _check_writable(dest: str, ops: list[list[object]]) -> list[str]:
         err.errno = errno.EACCES
         raise err
     return owned
+
+
+def _check_owned(dest: str, path: str, euid: int) -> None:
+    """A mode can only be set by the owner (or root): refuse, before the commit point, a
+    chmod of something of another user's."""
+    st = _lstat(path)
+    if st is None or euid == 0 or st.st_uid == euid or stat.S_ISLNK(st.st_mode):
+        return
+    err = MaterializeError(
+        f"cannot update {dest}: {path} belongs to another user (uid {st.st_uid}), so this process "
+        f"(uid {euid}) cannot set its mode. Change its owner, or remove it, then get again; nothing "
+        f"at {dest} was changed",
+        dest,
+    )
+    err.errno = errno.EPERM
+    raise err
 
 
 def _unlock(folders: list[str]) -> list[tuple[str, int]]:
@@ -434,14 +456,13 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
             elif step.action == Action.LINK:
                 out.ops.append(["link", rel, e.target])
             elif step.action == Action.CHMOD:
-                out.ops.append(["chmod", rel, e.executable])
+                out.ops.append(["chmod", rel, e.perm])
             elif step.action == Action.PLACE:
                 name = f"{i:08d}"
                 # Created at its first write, so a file's create, writes and close come
                 # together (not 100k creates, then 100k reopens). A single-chunk file is
                 # written by one pwrite: pre-allocating it first would save nothing.
-                slot = files.add(os.path.join(txn, "stage", name), EXEC_MODE if e.executable else FILE_MODE,
-                                 e.size if e.chunk_count > 1 else 0)
+                slot = files.add(os.path.join(txn, "stage", name), _stage_mode(e), e.size if e.chunk_count > 1 else 0)
                 staged.append((slot, rel))
                 old = old_files.get(rel)
                 for cid, off, n in iter_chunk_spans(e.chunks):
@@ -450,12 +471,13 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
                     if old is not None and old.kind == Kind.FILE and off < old.size:
                         bases.setdefault(cid, (_under(dest, rel), off))
                 out.ops.append(["place", name, rel])
+                out.ops.extend(_final_mode(e, rel))
                 stage_names.append((name, rel))
             elif step.action == Action.PATCH and not in_place:
                 # A new inode: the unchanged ranges come from the old file (in the kernel,
                 # see _copy_unchanged), the changed ones from the sources like any chunk.
                 name = f"{i:08d}"
-                slot = files.add(os.path.join(txn, "stage", name), EXEC_MODE if e.executable else FILE_MODE, 0)
+                slot = files.add(os.path.join(txn, "stage", name), _stage_mode(e), 0)
                 staged.append((slot, rel))
                 changed = {off for off, _, _ in step.ranges}
                 kept = []
@@ -468,6 +490,7 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
                         kept.append((cid, off, n))
                 copies.append((slot, _under(dest, rel), old_files[rel], e, kept))
                 out.ops.append(["place", name, rel])
+                out.ops.extend(_final_mode(e, rel))
                 stage_names.append((name, rel))
             elif step.action == Action.PATCH:
                 if data_fd < 0:
@@ -483,7 +506,7 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
                         sizes[cid] = n
                     patches.append([off, slot, n])
                 _reserve_growth(_under(dest, rel), e.size)
-                out.ops.append(["patch", rel, e.size, e.executable, patches])
+                out.ops.append(["patch", rel, e.size, e.perm, patches])
         if data_fd >= 0:
             preallocate(files.fd(data_fd), data_len)
         for slot, old_path, old, e, kept in copies:
@@ -554,6 +577,17 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
         return out
     finally:
         files.close()
+
+
+def _stage_mode(e: Entry) -> int:
+    """A staged file's mode: the target's, plus owner read and write while it is written
+    (it is reopened to be filled and synced); see :func:`_final_mode`."""
+    return e.perm | stat.S_IRUSR | stat.S_IWUSR
+
+
+def _final_mode(e: Entry, rel: str) -> list[list[object]]:
+    """The chmod that gives a placed file its mode, if staging needed more."""
+    return [["chmod", rel, e.perm]] if _stage_mode(e) != e.perm else []
 
 
 def _copy_unchanged(old_path: str, old: Entry, fd: int, size: int, kept: list[tuple[ChunkId, int, int]]) -> bool:
@@ -748,7 +782,7 @@ def _load_journal(raw: bytes, where: str) -> dict:  # type: ignore[type-arg]
     return journal  # type: ignore[no-any-return]
 
 
-_ARITY = {"rm": 2, "mkdir": 2, "place": 3, "patch": 5, "link": 3, "chmod": 3}
+_ARITY = {"rm": 2, "mkdir": 2, "place": 3, "patch": 5, "link": 3, "chmod": 3, "dirmode": 3}
 _OFF_MAX = 2**63 - 1  # what a file offset or size can be (off_t)
 _RANGE_MAX = 16 << 20  # a patch range is one chunk: at most the largest max_size
 
@@ -775,16 +809,20 @@ def _bad_op(op: object) -> str:
             return "not a relative link target"
         if len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
             return "link target too long"
-    if kind == "chmod" and not isinstance(op[2], bool):
-        return "executable is not a boolean"
+    if kind in ("chmod", "dirmode") and not _mode(op[2]):
+        return "its mode is not permission bits"
     if kind == "patch":
-        _, _, size, executable, ranges = op
-        if not _offset(size) or not isinstance(executable, bool) or not isinstance(ranges, list):
-            return "size, executable or ranges of the wrong type"
+        _, _, size, mode, ranges = op
+        if not _offset(size) or not _mode(mode) or not isinstance(ranges, list):
+            return "size, mode or ranges of the wrong type"
         for r in ranges:
             if not (isinstance(r, list) and len(r) == 3 and all(_offset(x) for x in r) and r[2] <= _RANGE_MAX):
                 return f"range {str(r)[:80]} is not [offset, data offset, length] within bounds"
     return ""
+
+
+def _mode(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MODE_BITS
 
 
 def _offset(x: object) -> bool:
@@ -873,7 +911,7 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
                     shutil.rmtree(path)
                     os.rename(staged, path)
             elif kind == "patch":
-                _, rel, size, executable, patches = op
+                _, rel, size, mode, patches = op
                 if data_fd < 0:
                     data_fd = os.open(os.path.join(txn, "data"), os.O_RDONLY | os.O_CLOEXEC)
                 try:
@@ -884,7 +922,7 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
                     for off, slot, n in patches:  # type: ignore[attr-defined]
                         pwrite_all(fd, os.pread(data_fd, n, slot), off)
                     os.ftruncate(fd, int(size))  # type: ignore[arg-type]
-                    os.fchmod(fd, EXEC_MODE if executable else FILE_MODE)
+                    os.fchmod(fd, int(mode))  # type: ignore[call-overload]
                     _backdate(fd)
                     os.fsync(fd)
                     st = os.fstat(fd)
@@ -902,7 +940,9 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
                 os.symlink(str(op[2]), path)
             elif kind == "chmod":
                 path = tree.path(str(op[1]))
-                os.chmod(path, EXEC_MODE if op[2] else FILE_MODE, follow_symlinks=False)
+                os.chmod(path, int(op[2]), follow_symlinks=False)  # type: ignore[call-overload]
+            elif kind == "dirmode":
+                continue  # after every folder's entries are durable, below
             else:
                 raise MaterializeError(f"unknown journal operation {kind!r}", dest)
     finally:
@@ -912,6 +952,12 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
     if len(dirs) <= SYNCFS_MIN_FILES or not _syncfs_at(dirs[0]):  # one syncfs for many folders
         for d in dirs:
             fsync_dir(d)
+    for op in ops:  # folder modes last (deepest first): a read-only folder is written first
+        if op[0] == "dirmode":
+            where = tree.existing(str(op[1]))
+            found = _lstat(where) if where is not None else None
+            if where is not None and found is not None and stat.S_ISDIR(found.st_mode) and stat.S_IMODE(found.st_mode) != op[2]:
+                os.chmod(where, int(op[2]))  # type: ignore[call-overload]
     return patched
 
 

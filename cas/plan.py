@@ -43,7 +43,7 @@ def plan_fetch(target: Manifest, held: Container[ChunkId]) -> FetchPlan:
 
 class Action(Enum):
     KEEP = "keep"  # same content and mode: nothing to do
-    CHMOD = "chmod"  # same content, exec bit differs
+    CHMOD = "chmod"  # same content, mode differs
     MKDIR = "mkdir"
     PLACE = "place"  # write a new file aside, then rename it over
     PATCH = "patch"  # write only the changed ranges into the existing file (journaled)
@@ -65,6 +65,10 @@ class UpdatePlan:
 
     steps: tuple[Step, ...]  # parents before children
     removals: tuple[str, ...]  # local paths absent from target, deepest first
+    #: (folder, mode) for every folder whose mode must be set (new ones included, "" is the
+    #: root), deepest first: applied after everything else, so that a folder the target makes
+    #: read-only is still written into before it becomes so.
+    modes: tuple[tuple[str, int], ...] = ()
 
 
 def plan_update(local: Manifest | None, target: Manifest, *, patch_fraction: float = PATCH_MAX_FRACTION) -> UpdatePlan:
@@ -75,8 +79,13 @@ def plan_update(local: Manifest | None, target: Manifest, *, patch_fraction: flo
     """
     have = local.by_path if local is not None and local.root_kind == target.root_kind else {}
     steps: list[Step] = []
-    if target.root_kind == Kind.DIR and (local is None or local.root_kind != Kind.DIR):
-        steps.append(Step("", Action.MKDIR, Entry("", Kind.DIR)))
+    modes: list[tuple[str, int]] = []
+    if target.root_kind == Kind.DIR:
+        if local is None or local.root_kind != Kind.DIR:
+            steps.append(Step("", Action.MKDIR, Entry("", Kind.DIR)))
+            modes.append(("", target.root_perm))
+        elif local.root_perm != target.root_perm:
+            modes.append(("", target.root_perm))
     for e in target.entries:
         old = have.get(e.path)
         if old is not None and old.kind != e.kind:
@@ -84,11 +93,13 @@ def plan_update(local: Manifest | None, target: Manifest, *, patch_fraction: flo
         if e.kind == Kind.DIR:
             if old is None:
                 steps.append(Step(e.path, Action.MKDIR, e))
+            if old is None or old.perm != e.perm:
+                modes.append((e.path, e.perm))
         elif e.kind == Kind.SYMLINK:
             if old is None or old.target != e.target:
                 steps.append(Step(e.path, Action.LINK, e))
         elif old is not None and old.chunks == e.chunks:
-            if old.executable != e.executable:
+            if old.perm != e.perm:
                 steps.append(Step(e.path, Action.CHMOD, e))
         else:
             ranges = _patch_ranges(old, e, patch_fraction) if old is not None else None
@@ -105,7 +116,8 @@ def plan_update(local: Manifest | None, target: Manifest, *, patch_fraction: flo
         (p for p in gone if not _has_ancestor_in(p, gone)),
         key=lambda p: (-p.count("/"), p),
     )
-    return UpdatePlan(tuple(steps), tuple(removals))
+    modes.sort(key=lambda pm: (-(pm[0].count("/") + bool(pm[0])), pm[0]))
+    return UpdatePlan(tuple(steps), tuple(removals), tuple(modes))
 
 
 def _has_ancestor_in(path: str, paths: set[str]) -> bool:

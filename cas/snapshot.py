@@ -24,7 +24,7 @@ from contextlib import nullcontext
 
 from .chunking import Chunker
 from .errors import FileChangedError, ManifestError, SnapshotError, UnsafePathError
-from .manifest import MAX_PATH_BYTES, Entry, Kind, Manifest, check_relpath, plain_name, resolve_link
+from .manifest import MAX_PATH_BYTES, MODE_BITS, Entry, Kind, Manifest, check_relpath, plain_name, resolve_link
 from .statcache import StatCache, coarse_timestamps
 
 TICK_NS = 20_000_000  # two jiffies at HZ=100
@@ -61,23 +61,26 @@ def snapshot(
     except OSError as e:
         raise SnapshotError(f"cannot stat {root}: {e.strerror}", root) from e
     walker = _Walker(chunker, stat_cache, retries, foreign)
+    root_mode: int | None
     try:
         if stat.S_ISREG(st.st_mode):
             # file_entry opens with O_NOFOLLOW (against links swapped in during a walk), so a
             # root that is itself a symlink is resolved here, as documented.
             entries = [walker.file_entry(os.path.realpath(root), "")]
             root_kind = Kind.FILE
+            root_mode = None
         elif stat.S_ISDIR(st.st_mode):
             entries = []
             with stat_cache.reading() if stat_cache is not None else nullcontext():
                 walker.walk_dir(root, "", entries)
             root_kind = Kind.DIR
+            root_mode = st.st_mode & MODE_BITS
             if foreign is not None:
                 entries = _drop_unrepresentable(entries, foreign)
         else:
             raise SnapshotError(f"{root} is neither a regular file nor a directory", root)
         try:
-            return Manifest.build(chunker.params, root_kind, entries)
+            return Manifest.build(chunker.params, root_kind, entries, root_mode)
         except UnsafePathError as e:
             where = os.path.join(root, e.path) if e.path else root
             raise UnsafePathError(f"{e} (at {where})", e.path) from None
@@ -163,14 +166,14 @@ class _Walker:
                 raise SnapshotError(f"cannot stat {child.path}: {e.strerror}", child.path) from e
             mode = st.st_mode
             if stat.S_ISDIR(mode):
-                out.append(Entry(rel, Kind.DIR))
+                out.append(Entry(rel, Kind.DIR, mode=mode & MODE_BITS))
                 todo.append((child.path, rel))
             elif stat.S_ISREG(mode):
                 # The walk's lstat is the same signature fstat would give: a cache hit needs
                 # no open at all (what makes re-snapshotting 100k small files cheap).
                 cached = self.cache.get(self.chunker.params, child.path, st) if self.cache else None
                 if cached is not None:
-                    out.append(Entry(rel, Kind.FILE, bool(mode & stat.S_IXUSR), st.st_size, cached))
+                    out.append(Entry(rel, Kind.FILE, bool(mode & stat.S_IXUSR), st.st_size, cached, mode=mode & MODE_BITS))
                     continue
                 try:
                     out.append(self.file_entry(child.path, rel))
@@ -208,9 +211,10 @@ class _Walker:
                 if not stat.S_ISREG(before.st_mode):
                     raise SnapshotError(f"{abs_path} stopped being a regular file", abs_path)
                 executable = bool(before.st_mode & stat.S_IXUSR)
+                perm = before.st_mode & MODE_BITS
                 cached = self.cache.get(params, abs_path, before) if self.cache else None
                 if cached is not None:
-                    return Entry(rel, Kind.FILE, executable, before.st_size, cached)
+                    return Entry(rel, Kind.FILE, executable, before.st_size, cached, mode=perm)
                 try:
                     chunks, nread = self.chunker.chunk_file(fd, before.st_size)
                 except OSError as e:
@@ -228,7 +232,7 @@ class _Walker:
                     continue
                 if self.cache is not None:
                     self.cache.put(params, abs_path, after, chunks)
-                return Entry(rel, Kind.FILE, executable, nread, chunks)
+                return Entry(rel, Kind.FILE, executable, nread, chunks, mode=perm)
         raise FileChangedError(
             f"{abs_path} kept changing while it was read ({self.retries + 1} attempts); "
             "no consistent snapshot of it could be taken",

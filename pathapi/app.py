@@ -31,7 +31,7 @@ class App:
                  *, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", start_timeout: float = 120.0) -> None:
         self.flow = flow
         self.root = os.path.abspath(os.fspath(root) if root is not None else ".pathapi")
-        self.store = os.fspath(store) if store is not None else None
+        self.store = _store_location(store)
         self.timeout = timeout
         self.host = host
         self.start_timeout = start_timeout
@@ -82,6 +82,15 @@ class App:
         if errors:
             raise _combined(errors)
         return result
+
+
+def _store_location(store: str | os.PathLike[str] | None) -> str | None:
+    """A local store as an absolute path: each work runs in a folder of its own, so a relative
+    one would name a different store in each."""
+    if store is None:
+        return None
+    text = os.fspath(store)
+    return text if "://" in text else os.path.abspath(text)
 
 
 def _combined(errors: list[WorkError]) -> WorkError:

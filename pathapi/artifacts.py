@@ -89,6 +89,8 @@ def subtree(m: Manifest, sub: str) -> Manifest | None:
     except UnsafePathError:
         return None  # a link on the way leaves the tree: not part of what was persisted
     real = "/".join(parts)
+    if not real:
+        return m  # a link back to the root: the whole tree
     entry = m.by_path.get(real)
     if entry is None:
         return None
@@ -98,10 +100,8 @@ def subtree(m: Manifest, sub: str) -> Manifest | None:
         return None
     prefix = real + "/"
     entries = [dataclasses.replace(e, path=e.path[len(prefix):]) for e in m.entries if e.path.startswith(prefix)]
-    if "" in m.by_path:  # a manifest format that records the root folder itself
-        entries.append(dataclasses.replace(entry, path=""))
     try:
-        return Manifest.build(m.params, Kind.DIR, entries)
+        return Manifest.build(m.params, Kind.DIR, entries, root_mode=entry.mode)
     except UnsafePathError as e:
         raise SubPathError(
             f"{sub!r} cannot be fetched on its own from the persisted tree: the link {prefix + (e.path or '')!r} "

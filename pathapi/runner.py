@@ -273,9 +273,11 @@ class WorkHandle:
         else:
             try:
                 self._conn.send(("stop",))
-                if self._conn.poll(timeout):
+                while self._conn.poll(timeout):  # skip what it sent that nobody read (a start error)
                     msg = self._conn.recv()
-                    self._report(msg[1])
+                    if msg[0] == "stopped":
+                        self._report(msg[1])
+                        break
             except (EOFError, OSError):
                 pass
             self.process.join(30)

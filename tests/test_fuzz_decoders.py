@@ -771,7 +771,7 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=20,
 )
-OP_NAMES = st.sampled_from(["rm", "mkdir", "place", "patch", "link", "chmod", "x"])
+OP_NAMES = st.sampled_from(["rm", "mkdir", "place", "patch", "link", "chmod", "dirmode", "x"])
 hostile_ops = st.lists(
     st.one_of(
         st.tuples(OP_NAMES).map(list),
@@ -832,7 +832,7 @@ def _recover_refused_or_done(state: Path) -> None:
     st.just(b"[" * 100_000),
     st.just(b'{"a":' * 100_000),
     JSON,
-    st.builds(lambda j: {"format": "cas-journal", "version": 1, "dest": "DEST", "ops": j}, JSON),
+    st.builds(lambda j: {"format": "cas-journal", "version": 2, "dest": "DEST", "ops": j}, JSON),
 ))
 def test_a_garbage_journal_is_refused_with_a_project_error(body: bytes | object) -> None:
     with journal_rig() as (box, dest, state):
@@ -850,7 +850,7 @@ def test_a_garbage_journal_is_refused_with_a_project_error(body: bytes | object)
 @given(ops=hostile_ops)
 def test_journal_operations_never_touch_anything_outside_the_destination(ops: list[object]) -> None:
     with journal_rig() as (box, dest, state):
-        write_journal(state, box, {"format": "cas-journal", "version": 1, "dest": str(dest), "ops": ops})
+        write_journal(state, box, {"format": "cas-journal", "version": 2, "dest": str(dest), "ops": ops})
         before = fingerprint(box, (dest, state))
         _recover_refused_or_done(state)
         assert fingerprint(box, (dest, state)) == before
@@ -873,6 +873,10 @@ def test_journal_operations_never_touch_anything_outside_the_destination(ops: li
     [["patch", "d/f", -1, False, []]],
     [["patch", "d/f", True, False, []]],
     [["chmod", "d/f", "yes"]],
+    [["chmod", "d/f", 0o4755]],  # setuid: never granted
+    [["dirmode", "d", 0o1777]],  # sticky
+    [["dirmode", "../outside", 0o755]],
+    [["patch", "d/f", 5, 0o2644, []]],  # setgid
     [["rm", ["d"]]],
     [[]],
     [["rm"]],
@@ -882,7 +886,7 @@ def test_journal_operations_never_touch_anything_outside_the_destination(ops: li
 def test_invalid_journal_operations_are_refused_before_any_is_applied(ops: list[object]) -> None:
     with journal_rig() as (box, dest, state):
         (box / "victim.txt").write_bytes(b"must not change")
-        write_journal(state, box, {"format": "cas-journal", "version": 1, "dest": str(dest), "ops": [["rm", "d/f"], *ops]})
+        write_journal(state, box, {"format": "cas-journal", "version": 2, "dest": str(dest), "ops": [["rm", "d/f"], *ops]})
         before = fingerprint(box, (state,))
         with locked(state):
             assert recover(state) is False  # abandoned, not replayed: it blocks no later sync
@@ -896,7 +900,7 @@ def test_a_journal_removing_names_no_manifest_holds_is_replayed() -> None:
     with journal_rig() as (box, dest, state):
         for name in ("C:x", "a\\b", "..\\x"):
             (dest / name).write_bytes(b"foreign")
-        write_journal(state, box, {"format": "cas-journal", "version": 1, "dest": str(dest),
+        write_journal(state, box, {"format": "cas-journal", "version": 2, "dest": str(dest),
                                    "ops": [["rm", "C:x"], ["rm", "a\\b"], ["rm", "..\\x"]]})
         with locked(state):
             assert recover(state) is True
@@ -905,7 +909,7 @@ def test_a_journal_removing_names_no_manifest_holds_is_replayed() -> None:
 
 @pytest.mark.parametrize("ops", [
     [["rm", "out/victim.txt"]],
-    [["chmod", "out/victim.txt", True]],
+    [["chmod", "out/victim.txt", 0o755]],
     [["patch", "out/victim.txt", 1, False, [[0, 0, 1]]]],
     [["place", "00000000", "out/victim.txt"]],
     [["link", "out/l", "x"]],
@@ -915,7 +919,7 @@ def test_journal_operations_through_a_link_to_the_outside_never_reach_it(ops: li
     """``out`` is a link inside the destination to a folder outside: an operation under it
     replaces the link by a real folder (or does nothing), never acts through it."""
     with journal_rig() as (box, dest, state):
-        write_journal(state, box, {"format": "cas-journal", "version": 1, "dest": str(dest), "ops": ops})
+        write_journal(state, box, {"format": "cas-journal", "version": 2, "dest": str(dest), "ops": ops})
         before = fingerprint(box, (dest, state))
         _recover_refused_or_done(state)
         assert fingerprint(box, (dest, state)) == before
@@ -925,7 +929,7 @@ def test_journal_operations_through_a_link_to_the_outside_never_reach_it(ops: li
 def test_a_journal_whose_destination_is_not_a_normal_absolute_path_is_refused(dest: object) -> None:
     with journal_rig() as (box, _, state):
         dest = confined(dest, box)
-        write_journal(state, box, {"format": "cas-journal", "version": 1, "dest": dest, "ops": [["rm", "no-such-entry-7f3a"]]})
+        write_journal(state, box, {"format": "cas-journal", "version": 2, "dest": dest, "ops": [["rm", "no-such-entry-7f3a"]]})
         before = fingerprint(box, (state,))
         with locked(state):
             assert recover(state) is False  # abandoned, not replayed
@@ -981,8 +985,8 @@ def sync_despite_resume(m: Manifest, remote: MemoryChunkStore, index: bytes, tar
     st.binary(max_size=100),
     st.just(b"[" * 100_000),
     JSON.map(lambda j: json.dumps(j).encode()),
-    st.builds(lambda s: json.dumps({"format": "cas-resume", "version": 1, "stages": s}).encode(), JSON),
-    st.builds(lambda k, v: json.dumps({"format": "cas-resume", "version": 1, "stages": {k: v}}).encode(),
+    st.builds(lambda s: json.dumps({"format": "cas-resume", "version": 2, "stages": s}).encode(), JSON),
+    st.builds(lambda k, v: json.dumps({"format": "cas-resume", "version": 2, "stages": {k: v}}).encode(),
               st.sampled_from(["..", ".", "", "00000000", "../../outside", "/etc/passwd"]), st.sampled_from(["a", "b", "", ".."])),
 ), target=st.one_of(st.binary(max_size=64), st.just(None)), stage_kind=st.sampled_from(["file", "dir", "fifo", "link", "none"]))
 def test_a_resume_folder_of_any_content_never_stops_a_sync(  # type: ignore[no-untyped-def]
@@ -993,7 +997,7 @@ def test_a_resume_folder_of_any_content_never_stops_a_sync(  # type: ignore[no-u
 
 @pytest.mark.parametrize("stage,kind", [("00000000", "fifo"), ("00000000", "dir"), ("..", "file"), (".", "file")])
 def test_a_resume_entry_that_is_not_a_staged_file_is_never_opened(resume_rig, stage: str, kind: str) -> None:  # type: ignore[no-untyped-def]
-    index = json.dumps({"format": "cas-resume", "version": 1, "stages": {stage: "a"}}).encode()
+    index = json.dumps({"format": "cas-resume", "version": 2, "stages": {stage: "a"}}).encode()
     sync_despite_resume(*resume_rig, index, None, kind, stage="00000000" if stage in ("..", ".") else stage)
 
 

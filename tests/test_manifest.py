@@ -24,6 +24,7 @@ from cas.chunking import RECORD_SIZE, ChunkerParams, KiB, MiB, pack_chunks
 from cas.errors import ManifestError, UnsafePathError, UnsupportedVersionError
 from cas.hashing import ID_SIZE, chunk_id
 from cas.manifest import MAX_SYMLINK_HOPS, Entry, Kind, Manifest, file_entry
+from cas.manifest import VERSION as MANIFEST_VERSION
 
 PARAMS = ChunkerParams()
 SMALL = ChunkerParams(min_size=256, avg_size=1 * KiB, max_size=4 * KiB)
@@ -277,7 +278,7 @@ def test_trailing_bytes_are_refused() -> None:
 
 
 def test_unknown_version_is_refused_as_unsupported() -> None:
-    for version in (0, 2, 65535):
+    for version in (0, 3, 65535):
         with pytest.raises(UnsupportedVersionError):
             Manifest.decode(raw(sample_entries(), version=version))
 
@@ -600,8 +601,13 @@ def decode_or_refuse(data: bytes) -> None:
         return
     assert m.encode() == data
     assert Manifest.decode(m.encode()) == m
-    # Its own build agrees (the canonical form is what was decoded).
-    assert Manifest.build(m.params, m.root_kind, list(m.entries)) == m
+    # Its own build agrees (the canonical form is what was decoded); an older version's
+    # manifest rebuilds, in the current version, to the same tree.
+    rebuilt = Manifest.build(m.params, m.root_kind, list(m.entries), m.root_mode)
+    if int.from_bytes(data[4:6], "little") == MANIFEST_VERSION:
+        assert rebuilt == m
+    else:
+        assert rebuilt.entries == m.entries and rebuilt.root_mode == m.root_mode
 
 
 @settings(max_examples=300, deadline=None)
@@ -677,3 +683,43 @@ def test_build_gives_exactly_what_decoding_its_encoding_gives() -> None:
     built = Manifest.build(DEFAULT_PARAMS, Kind.DIR, entries[::-1])
     decoded = Manifest.decode(built.encode())
     assert decoded == built and decoded.entries == built.entries and decoded.id == built.id
+
+
+# -- version 2: mode bits -------------------------------------------------------------
+def test_modes_of_files_folders_and_the_root_folder_round_trip_and_name_the_tree() -> None:
+    entries = [Entry("d", Kind.DIR, mode=0o700), Entry("d/f", Kind.FILE, False, 0, b"", mode=0o600),
+               Entry("x", Kind.FILE, True, 0, b"", mode=0o750), Entry("l", Kind.SYMLINK, target="x")]
+    m = Manifest.build(PARAMS, Kind.DIR, entries, root_mode=0o711)
+    back = Manifest.decode(m.encode())
+    assert back == m and back.root_mode == 0o711
+    assert [(e.path, e.mode) for e in back.entries] == [("d", 0o700), ("d/f", 0o600), ("l", None), ("x", 0o750)]
+    other = Manifest.build(PARAMS, Kind.DIR, [*entries[:1], Entry("d/f", Kind.FILE, False, 0, b"", mode=0o644),
+                                              *entries[2:]], root_mode=0o711)
+    assert other.id != m.id  # a chmod is a new version of the tree
+
+
+def test_a_version_1_manifest_still_decodes_with_the_default_modes() -> None:
+    m = Manifest.decode(raw(sample_entries(), version=1))
+    assert m.root_mode is None and m.root_perm == 0o755
+    perms = {e.path: e.perm for e in m.entries if e.kind != Kind.SYMLINK}
+    assert perms == {"a": 0o755, "a/data.bin": 0o644, "b": 0o755, "x": 0o755}
+
+
+@pytest.mark.parametrize("entry", [
+    Entry("f", Kind.FILE, False, 0, b"", mode=0o4755 & 0o7777),  # setuid: never carried
+    Entry("f", Kind.FILE, False, 0, b"", mode=0o1000),  # sticky
+    Entry("f", Kind.FILE, True, 0, b"", mode=0o644),  # executable but no owner x bit
+    Entry("l", Kind.SYMLINK, target="x", mode=0o777),  # a link has no mode
+])
+def test_modes_a_manifest_cannot_carry_are_refused(entry: Entry) -> None:
+    with pytest.raises(ManifestError):
+        Manifest.build(PARAMS, Kind.DIR, [entry, Entry("x", Kind.FILE)] if entry.kind == Kind.SYMLINK else [entry])
+
+
+def test_mode_bits_beyond_0777_in_an_encoding_are_refused() -> None:
+    m = Manifest.build(PARAMS, Kind.DIR, [Entry("f", Kind.FILE, False, 0, b"", mode=0o600)])
+    data = bytearray(m.encode())
+    at = data.index(b"f") - 2  # the entry's mode field precedes its path
+    data[at : at + 2] = (0o4600).to_bytes(2, "little")
+    with pytest.raises(ManifestError, match="mode"):
+        Manifest.decode(bytes(data))

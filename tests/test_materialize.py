@@ -435,10 +435,12 @@ def _crafted(entries: list[Entry], root: Kind = Kind.DIR) -> bytes:
     """The encoding (docs/format.md, "Manifest") of exactly these entries, unvalidated, as
     a hostile origin would send it."""
     p = SMALL_PARAMS
-    out = [b"CASM", struct.pack("<HBIIIBI", 1, p.algorithm, p.min_size, p.avg_size, p.max_size, root, len(entries))]
+    out = [b"CASM", struct.pack("<HBIIIBI", 2, p.algorithm, p.min_size, p.avg_size, p.max_size, root, len(entries)),
+           struct.pack("<H", 0o755 if root == Kind.DIR else 0xFFFF)]
     for e in entries:
         path = e.path.encode()
-        out.append(struct.pack("<BBH", e.kind, int(e.executable), len(path)) + path)
+        mode = 0xFFFF if e.mode is None else e.mode
+        out.append(struct.pack("<BBHH", e.kind, int(e.executable), len(path), mode) + path)
         if e.kind == Kind.FILE:
             out.append(struct.pack("<QI", e.size, len(e.chunks) // 36) + e.chunks)
         elif e.kind == Kind.SYMLINK:

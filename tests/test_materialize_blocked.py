@@ -44,6 +44,8 @@ def version(n: int) -> Model:
         "sub/b.txt": File(f"b {n}".encode()),
         "late": Dir(),
         "late/z.txt": File(f"z {n}".encode()),
+        "ro": Dir(0o500),
+        "ro/inside.txt": File(f"inside {n}".encode(), mode=0o400),
     }
 
 
@@ -119,14 +121,24 @@ def test_a_file_where_a_parent_folder_of_the_destination_goes_is_refused_before_
     assert read_tree(rig.base / "elsewhere") == rig.models[1]
 
 
-def test_a_read_only_folder_the_consumer_owns_is_updated_and_keeps_its_mode(rig: Rig) -> None:
+def test_a_read_only_folder_the_consumer_owns_is_updated_and_gets_the_origins_mode(rig: Rig) -> None:
     dest = rig.base / "dest"
     rig.sync_here(1, dest)
-    os.chmod(dest / "sub", 0o555)
+    os.chmod(dest / "sub", 0o555)  # the consumer made it read-only; the origin's is 0755
     result = rig.run_child(2, dest)
     assert result == {"ok": True}
+    assert read_tree(dest) == rig.models[2]  # modes included
+    assert (dest / "sub").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_folder_the_origin_made_read_only_is_filled_and_updated_and_stays_read_only(rig: Rig) -> None:
+    dest = rig.base / "dest"
+    assert rig.run_child(1, dest) == {"ok": True}  # "ro" (0500) is created, filled, then locked
+    assert (dest / "ro").stat().st_mode & 0o777 == 0o500
+    assert read_tree(dest) == rig.models[1]
+    assert rig.run_child(2, dest) == {"ok": True}  # a file inside it changes
     assert read_tree(dest) == rig.models[2]
-    assert (dest / "sub").stat().st_mode & 0o777 == 0o555
+    assert (dest / "ro").stat().st_mode & 0o777 == 0o500
 
 
 def test_a_folder_this_process_can_neither_write_nor_chmod_is_refused_before_anything_changes(rig: Rig) -> None:
@@ -152,9 +164,9 @@ def _wait_stopped(pid: int, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
-def test_a_block_after_the_commit_point_is_reported_blocks_no_other_destination_and_the_next_get_completes(rig: Rig) -> None:
-    dest = rig.base / "dest"
-    rig.sync_here(1, dest)
+def block_after_commit(rig: Rig, dest: Path) -> dict[str, object]:
+    """Sync ``dest`` to version 2 in a child that stops exactly after its commit point; give
+    the folder ``late`` to another user then; what the child reports."""
     proc = rig.child(2, dest, pause_after_commit=True)
     try:
         _wait_stopped(proc.pid)
@@ -164,7 +176,13 @@ def test_a_block_after_the_commit_point_is_reported_blocks_no_other_destination_
     finally:
         if proc.poll() is None:
             proc.kill()
-    result = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_a_block_after_the_commit_point_is_reported_blocks_no_other_destination_and_the_next_get_completes(rig: Rig) -> None:
+    dest = rig.base / "dest"
+    rig.sync_here(1, dest)
+    result = block_after_commit(rig, dest)
     assert result["ok"] is False and result["type"] == "MaterializeError", result
     message = str(result["message"])
     assert str(dest / "late") in message and "partly updated" in message and "get again" in message
@@ -183,15 +201,7 @@ def test_a_block_after_the_commit_point_is_reported_blocks_no_other_destination_
 def test_while_the_cause_remains_the_blocked_destination_is_refused_before_its_commit(rig: Rig) -> None:
     dest = rig.base / "dest"
     rig.sync_here(1, dest)
-    proc = rig.child(2, dest, pause_after_commit=True)
-    try:
-        _wait_stopped(proc.pid)
-        os.chown(dest / "late", NOBODY, NOBODY)
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    block_after_commit(rig, dest)
     again = rig.run_child(2, dest)  # the cause is still there: caught before the commit point
     assert again["ok"] is False and "nothing at" in str(again["message"])
     assert str(dest / "late") in str(again["message"])

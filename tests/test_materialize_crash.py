@@ -99,7 +99,7 @@ def versions() -> tuple[Model, Model]:
             elif i % 5 == 1:
                 del new[p]
             elif i % 11 == 2:
-                new[p] = new[p]._replace(executable=not new[p].executable)
+                new[p] = File(new[p].data, not new[p].executable)  # type: ignore[arg-type]
     for k in [p for p in new if p == "d5" or p.startswith("d5/")]:
         del new[k]
     new["d5"] = File(rnd.randbytes(5000))  # a folder became a file

@@ -235,15 +235,15 @@ def simulate(local: Model | None, plan: UpdatePlan, chunks: Mapping[bytes, bytes
                 tree = {}
         else:
             assert tree is not None and "" not in tree, "a child step before the root is a folder"
-            assert parent_of(s.path) == "" or tree.get(parent_of(s.path)) == Dir(), "parent must exist already"
+            assert parent_of(s.path) == "" or tree[parent_of(s.path)].kind == "dir", "parent must exist already"
         assert tree is not None
         if s.action == Action.MKDIR:
-            if tree.get(s.path) != Dir():
+            if s.path not in tree or tree[s.path].kind != "dir":
                 tree = without(tree, s.path)
-                tree[s.path] = Dir()
+                tree[s.path] = Dir(0o700)  # its mode is set by plan.modes, after everything else
         elif s.action == Action.PLACE:
             tree = without(tree, s.path)
-            tree[s.path] = File(b"".join(chunks[cid] for cid, _ in iter_chunks(e.chunks)), e.executable)
+            tree[s.path] = File(b"".join(chunks[cid] for cid, _ in iter_chunks(e.chunks)), mode=e.perm)
         elif s.action == Action.PATCH:
             old = tree[s.path]
             assert old.kind == "file"
@@ -253,15 +253,21 @@ def simulate(local: Model | None, plan: UpdatePlan, chunks: Mapping[bytes, bytes
                     buf.extend(bytes(off - len(buf)))  # pwrite past the end leaves a hole
                 buf[off : off + n] = chunks[cid]
             del buf[e.size :]
-            tree[s.path] = File(bytes(buf), e.executable)
+            tree[s.path] = File(bytes(buf), mode=e.perm)
         elif s.action == Action.CHMOD:
             assert tree[s.path].kind == "file"
-            tree[s.path] = tree[s.path]._replace(executable=e.executable)
+            tree[s.path] = File(tree[s.path].data, mode=e.perm)  # type: ignore[arg-type]
         elif s.action == Action.LINK:
             tree = without(tree, s.path)
             tree[s.path] = Link(e.target)
         else:
             raise AssertionError(f"plans have no {s.action} steps")
+    depths = [p.count("/") + bool(p) for p, _ in plan.modes]
+    assert depths == sorted(depths, reverse=True), "folder modes are set deepest first"
+    for p, mode in plan.modes:
+        if p:
+            assert tree is not None and tree[p].kind == "dir"
+            tree[p] = Dir(mode)
     return tree
 
 

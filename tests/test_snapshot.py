@@ -59,6 +59,7 @@ Spec = dict[str, "bytes | tuple[str, bytes | str] | Spec"]
 def make_tree(root: Path, spec: Spec) -> None:
     """Create ``spec`` under ``root``: bytes = file, ("exec", bytes), ("link", target), dict = dir."""
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
     for name, node in spec.items():
         p = root / name
         if isinstance(node, dict):
@@ -78,21 +79,21 @@ def expected_entries(chunker: Chunker, spec: Spec, prefix: str = "") -> list[Ent
     for name, node in spec.items():
         path = f"{prefix}/{name}" if prefix else name
         if isinstance(node, dict):
-            out.append(Entry(path, Kind.DIR))
+            out.append(Entry(path, Kind.DIR, mode=0o755))
             out += expected_entries(chunker, node, path)
         elif isinstance(node, bytes):
-            out.append(Entry(path, Kind.FILE, False, len(node), chunker.chunk_bytes(node)))
+            out.append(Entry(path, Kind.FILE, False, len(node), chunker.chunk_bytes(node), mode=0o644))
         elif node[0] == "exec":
             data = node[1]
             assert isinstance(data, bytes)
-            out.append(Entry(path, Kind.FILE, True, len(data), chunker.chunk_bytes(data)))
+            out.append(Entry(path, Kind.FILE, True, len(data), chunker.chunk_bytes(data), mode=0o755))
         else:
             out.append(Entry(path, Kind.SYMLINK, target=str(node[1])))
     return out
 
 
 def expected_manifest(chunker: Chunker, spec: Spec) -> Manifest:
-    return Manifest.build(chunker.params, Kind.DIR, expected_entries(chunker, spec))
+    return Manifest.build(chunker.params, Kind.DIR, expected_entries(chunker, spec), root_mode=0o755)
 
 
 def rich_spec() -> Spec:
@@ -183,14 +184,17 @@ def test_snapshot_of_a_single_file_is_a_file_manifest(tmp_path: Path, chunker: C
     (tmp_path / "f").chmod(0o700)
     m = snapshot(tmp_path / "f", chunker)
     assert m.root_kind == Kind.FILE
-    assert m.entries == (Entry("", Kind.FILE, True, len(data), chunker.chunk_bytes(data)),)
+    assert m.entries == (Entry("", Kind.FILE, True, len(data), chunker.chunk_bytes(data), mode=0o700),)
 
 
 def test_snapshot_of_an_empty_file_and_an_empty_dir(tmp_path: Path, chunker: Chunker) -> None:
-    (tmp_path / "f").touch()
-    (tmp_path / "d").mkdir()
-    assert snapshot(tmp_path / "f", chunker).entries == (Entry("", Kind.FILE),)
-    assert snapshot(tmp_path / "d", chunker).entries == ()
+    (tmp_path / "f").touch(0o640)
+    (tmp_path / "d").mkdir(0o710)
+    (tmp_path / "f").chmod(0o640)
+    (tmp_path / "d").chmod(0o710)
+    assert snapshot(tmp_path / "f", chunker).entries == (Entry("", Kind.FILE, mode=0o640),)
+    d = snapshot(tmp_path / "d", chunker)
+    assert d.entries == () and d.root_mode == 0o710
 
 
 def test_symlink_as_root_is_followed_to_a_directory(tmp_path: Path, chunker: Chunker) -> None:

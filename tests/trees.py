@@ -50,26 +50,36 @@ class Node(NamedTuple):
     kind: str  # "file" | "dir" | "link"
     data: bytes | str | None = None  # a file's bytes, a link's target
     executable: bool = False
+    mode: int | None = None  # permission bits of a file or folder (None for a link)
 
     def __repr__(self) -> str:  # keeps failure reports readable with MiB-sized files
         if self.kind == "file":
             assert isinstance(self.data, bytes)
-            return f"File({_short(self.data)}{', exec' if self.executable else ''})"
+            return f"File({_short(self.data)}, {self.mode:#o})"
         if self.kind == "link":
             return f"Link({self.data!r})"
-        return "Dir()"
+        return f"Dir({self.mode:#o})"
 
 
-def File(data: bytes, executable: bool = False) -> Node:  # noqa: N802 (reads like a type)
-    return Node("file", bytes(data), executable)
+def File(data: bytes, executable: bool = False, mode: int | None = None) -> Node:  # noqa: N802 (reads like a type)
+    """A file; its mode defaults to 0644, or 0755 when ``executable``; ``executable`` is the
+    owner's x bit of ``mode`` when that is given."""
+    if mode is None:
+        mode = 0o755 if executable else 0o644
+    return Node("file", bytes(data), bool(mode & 0o100), mode)
 
 
-def Dir() -> Node:  # noqa: N802
-    return Node("dir", None, False)
+def Dir(mode: int = 0o755) -> Node:  # noqa: N802
+    return Node("dir", None, False, mode)
 
 
 def Link(target: str) -> Node:  # noqa: N802
-    return Node("link", target, False)
+    return Node("link", target, False, None)
+
+
+#: Modes the generated trees and edits use (root ignores them, so any can be read back).
+FILE_MODES = (0o644, 0o600, 0o640, 0o755, 0o700, 0o750, 0o444, 0o400)
+DIR_MODES = (0o755, 0o700, 0o750, 0o711, 0o555, 0o500)
 
 
 Model = dict[str, Node]
@@ -211,9 +221,9 @@ def trees(
         if path in model:
             continue
         if draw(st.integers(0, 3)) == 0:
-            model[path] = Dir()
+            model[path] = Dir(draw(st.sampled_from(DIR_MODES)))
         else:
-            model[path] = File(draw(contents(big=big, max_small=max_small)), draw(st.booleans()))
+            model[path] = File(draw(contents(big=big, max_small=max_small)), mode=draw(st.sampled_from(FILE_MODES)))
     if links:
         for _ in range(draw(st.integers(0, 3))):
             parent = draw(st.sampled_from(dirs_of(model)))
@@ -231,7 +241,8 @@ def trees(
 def single_files(big: bool = True, max_small: int = 300 * KiB, min_size: int = 0) -> st.SearchStrategy[Model]:
     """A tree whose root is one file."""
     return st.builds(
-        lambda data, x: {"": File(data, x)}, contents(big=big, max_small=max_small, min_size=min_size), st.booleans()
+        lambda data, mode: {"": File(data, mode=mode)}, contents(big=big, max_small=max_small, min_size=min_size),
+        st.sampled_from(FILE_MODES)
     )
 
 
@@ -285,10 +296,10 @@ def edit_sequences(ops: Iterable[str] = OPS, max_size: int = 6, max_data: int = 
 DiskChange = Callable[[str], None]
 
 
-def _write(path: str, data: bytes, executable: bool) -> None:
+def _write(path: str, data: bytes, executable: bool, mode: int | None = None) -> None:
     with open(path, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o755 if executable else 0o644)
+    os.chmod(path, mode if mode is not None else 0o755 if executable else 0o644)
 
 
 def _pick(items: list[str], i: int) -> str | None:
@@ -331,13 +342,18 @@ def _resolve(model: Model, e: Edit) -> tuple[Model, DiskChange] | None:
 
         return {**model, path: node._replace(data=new)}, change
 
-    if e.op == "chmod":
-        path = _pick(files, e.pick)
+    if e.op == "chmod":  # a file, or (one time in three) a folder, gets another mode
+        folders = [d for d in dirs if d]
+        if folders and e.pick2 % 3 == 0:
+            path, modes = _pick(folders, e.pick), DIR_MODES
+        else:
+            path, modes = _pick(files, e.pick), FILE_MODES
         if path is None:
             return None
         node = model[path]
-        x = not node.executable
-        return {**model, path: node._replace(executable=x)}, lambda root: os.chmod(abspath(root, path), 0o755 if x else 0o644)
+        mode = modes[e.pos % len(modes)]
+        new = File(node.data, mode=mode) if node.kind == "file" else Dir(mode)  # type: ignore[arg-type]
+        return {**model, path: new}, lambda root: os.chmod(abspath(root, path), mode)
 
     if not dirs:  # a single-file tree only takes byte edits
         return None
@@ -361,7 +377,7 @@ def _resolve(model: Model, e: Edit) -> tuple[Model, DiskChange] | None:
         if e.op == "add_file":
             return {**model, path: File(e.data, e.executable)}, lambda root: _write(abspath(root, path), e.data, e.executable)
         if e.op == "add_dir":
-            return {**model, path: Dir()}, lambda root: os.mkdir(abspath(root, path))
+            return {**model, path: Dir()}, lambda root: os.mkdir(abspath(root, path), 0o755)
         target = link_target(path, _pick(["", *entries], e.pick) or "")
         return {**model, path: Link(target)}, lambda root: os.symlink(target, abspath(root, path))
 
@@ -384,7 +400,7 @@ def _resolve(model: Model, e: Edit) -> tuple[Model, DiskChange] | None:
 
         def to_dir(root: str) -> None:
             os.unlink(abspath(root, path))
-            os.mkdir(abspath(root, path))
+            os.mkdir(abspath(root, path), 0o755)
             if e.data:
                 _write(abspath(root, child), e.data, e.executable)
 
@@ -450,34 +466,39 @@ def apply_edits(root: str | os.PathLike[str], model: Model, es: Iterable[Edit]) 
 
 # -- disk -------------------------------------------------------------------------
 def write_tree(root: str | os.PathLike[str], model: Mapping[str, Node]) -> None:
-    """Create the tree ``model`` at ``root`` (which must not exist)."""
+    """Create the tree ``model`` at ``root`` (which must not exist); the root folder is 0755."""
     root = os.fspath(root)
     os.makedirs(os.path.dirname(root), exist_ok=True)
     if "" in model:
         node = model[""]
         assert node.kind == "file", "a tree's root is a file or a folder"
-        _write(root, node.data, node.executable)  # type: ignore[arg-type]
+        _write(root, node.data, node.executable, node.mode)  # type: ignore[arg-type]
         return
     os.mkdir(root)
+    os.chmod(root, 0o755)
+    folders = []
     for path in sorted(model, key=lambda p: p.split("/")):  # parents before children
         node = model[path]
         where = abspath(root, path)
         if node.kind == "dir":
             os.mkdir(where)
+            folders.append((where, node.mode))
         elif node.kind == "file":
-            _write(where, node.data, node.executable)  # type: ignore[arg-type]
+            _write(where, node.data, node.executable, node.mode)  # type: ignore[arg-type]
         else:
             os.symlink(node.data, where)  # type: ignore[arg-type]
+    for where, mode in reversed(folders):  # children first: a read-only folder is filled first
+        os.chmod(where, 0o755 if mode is None else mode)
 
 
 def _node(path: str, st_: os.stat_result) -> Node:
     if stat.S_ISLNK(st_.st_mode):
         return Link(os.readlink(path))
     if stat.S_ISDIR(st_.st_mode):
-        return Dir()
+        return Dir(stat.S_IMODE(st_.st_mode) & 0o777)
     if stat.S_ISREG(st_.st_mode):
         with open(path, "rb") as f:
-            return File(f.read(), bool(st_.st_mode & stat.S_IXUSR))
+            return File(f.read(), mode=stat.S_IMODE(st_.st_mode) & 0o777)
     raise AssertionError(f"{path}: not a file, folder or link")
 
 
@@ -536,12 +557,13 @@ def manifest_of(model: Mapping[str, Node], params: ChunkerParams = SMALL_PARAMS,
             if n.kind == "file":
                 data = n.data
                 assert isinstance(data, bytes)
-                entries.append(Entry(p, Kind.FILE, n.executable, len(data), chunker.chunk_bytes(data)))
+                entries.append(Entry(p, Kind.FILE, n.executable, len(data), chunker.chunk_bytes(data), mode=n.mode))
             elif n.kind == "dir":
-                entries.append(Entry(p, Kind.DIR))
+                entries.append(Entry(p, Kind.DIR, mode=n.mode))
             else:
                 entries.append(Entry(p, Kind.SYMLINK, target=n.data))  # type: ignore[arg-type]
-        return Manifest.build(chunker.params, Kind.FILE if "" in model else Kind.DIR, entries)
+        kind = Kind.FILE if "" in model else Kind.DIR
+        return Manifest.build(chunker.params, kind, entries, 0o755 if kind == Kind.DIR else None)
     finally:
         if own:
             chunker.close()
