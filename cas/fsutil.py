@@ -97,9 +97,32 @@ def remove_any(path: str) -> None:
     except NotADirectoryError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except RecursionError:  # deeper than Python's recursion limit (PATH_MAX allows ~2048)
+            _rmtree_iteratively(path)
     else:
         os.unlink(path)
+
+
+def _rmtree_iteratively(path: str) -> None:
+    """Remove the folder ``path`` and everything in it, with an explicit stack, following no
+    link (a link is removed, never what it points to)."""
+    stack = [path]
+    while stack:
+        folder = stack[-1]
+        deeper = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    deeper.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+        if deeper:
+            stack.extend(deeper)
+        else:
+            os.rmdir(folder)
+            stack.pop()
 
 
 def open_beneath(base: str, path: str, flags: int = os.O_RDONLY) -> int:

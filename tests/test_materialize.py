@@ -588,3 +588,16 @@ def test_first_sync_of_a_4_mib_tree_uses_at_most_1_1_times_its_size_on_disk(sc, 
     sync_and_check(sc, tree, chunker)
     used = disk_usage(sc.dest, sc.rws.state_dir)
     assert used <= 1.1 * size, f"{used} bytes on disk for a {size}-byte tree"
+
+
+def test_a_local_tree_deeper_than_the_recursion_limit_is_removed_by_a_sync(sc, chunker):
+    write_tree(sc.origin, {"keep.txt": File(b"kept")})
+    m = sync_and_check(sc, {"keep.txt": File(b"kept")}, chunker) and sc.publish()
+    deep = sc.dest
+    for _ in range(1100):  # 2,200 bytes of path: the kernel allows it, os.makedirs recurses
+        deep = os.path.join(deep, "d")
+        os.mkdir(deep)
+    with open(os.path.join(deep, "bottom.txt"), "wb") as f:
+        f.write(b"at the bottom")
+    sc.rws.sync(m, sc.dest, remote=sc.store)  # the origin has no "d": removed
+    assert read_tree(sc.dest) == {"keep.txt": File(b"kept")}
