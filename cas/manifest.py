@@ -235,7 +235,7 @@ def _utf8(text: str) -> bytes:
         raise ManifestError(f"name is not valid UTF-8: {text!r}") from None
 
 
-def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...]]:
+def _decode(data: bytes) -> tuple[ChunkerParams, Kind, tuple[Entry, ...], int | None]:
     if len(data) < _HEADER.size:
         raise ManifestError(f"manifest truncated: {len(data)} bytes, header needs {_HEADER.size}")
     magic, version, algo, mn, avg, mx, root, count = _HEADER.unpack_from(data, 0)

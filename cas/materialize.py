@@ -56,7 +56,7 @@ from .hashing import ChunkId
 from .manifest import MAX_PATH_BYTES, MODE_BITS, Entry, Kind, Manifest
 from .plan import Action, Step, plan_update
 from .sources import SeedSource
-from .store.base import ChunkSource
+from .store.base import ChunkSource, DeltaSource
 
 JOURNAL_FORMAT = "cas-journal"
 #: Version 2: modes are permission bits (chmod, patch) and folders get "dirmode" operations.
@@ -235,13 +235,14 @@ def materialize(
         prep = _prepare(plan.steps, target, dest, txn, [*sources, *([resume] if resume else [])], remote, local,
                         in_place)
         extra = [p for p in foreign if p not in target.by_path] if target.root_kind == Kind.DIR else []
-        ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)] + prep.ops
+        ops: list[list[object]] = [["rm", p] for p in (*plan.removals, *extra)]
+        ops += prep.ops
         ops += [["dirmode", p, mode] for p, mode in plan.modes]
         locked_dirs = _check_writable(dest, ops)
         _commit(txn, dest, ops)
     except BaseException as e:
         _keep_for_resume(state)  # what this attempt staged (old resumed chunks included)
-        if type(e) in (OSError, PermissionError):  # the disk refused: say where, keep errno
+        if isinstance(e, OSError) and type(e) in (OSError, PermissionError):  # the disk refused: say where, keep errno
             err = MaterializeError(
                 f"cannot stage the new contents of {dest} in {state}: {e.strerror or e} "
                 f"(errno {e.errno}); nothing at {dest} was changed",
@@ -498,13 +499,13 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
                 patches = []
                 for off, n, cid in step.ranges:
                     bases.setdefault(cid, (_under(dest, rel), off))
-                    slot = data_slots.get(cid)
-                    if slot is None:
-                        slot = data_slots[cid] = data_len
+                    data_at = data_slots.get(cid)
+                    if data_at is None:
+                        data_at = data_slots[cid] = data_len
                         data_len += n
-                        targets[cid].append((data_fd, slot))
+                        targets[cid].append((data_fd, data_at))
                         sizes[cid] = n
-                    patches.append([off, slot, n])
+                    patches.append([off, data_at, n])
                 _reserve_growth(_under(dest, rel), e.size)
                 out.ops.append(["patch", rel, e.size, e.perm, patches])
         if data_fd >= 0:
@@ -550,7 +551,7 @@ def _prepare(steps: Sequence[Step], target: Manifest, dest: str, txn: str, sourc
                     f"{len(wanted)} chunk(s) needed for {dest} are held by no source, e.g. {wanted[0].hex()}",
                     wanted[0].hex(),
                 )
-            if getattr(remote, "accepts_bases", False):
+            if isinstance(remote, DeltaSource) and remote.accepts_bases:
                 fetched = remote.get_many(wanted, bases={c: bases[c] for c in wanted if c in bases})
             else:
                 fetched = remote.get_many(wanted)
@@ -921,7 +922,7 @@ def _apply(dest: str, txn: str, ops: list[list[object]]) -> dict[str, tuple[int,
                 try:
                     for off, slot, n in patches:  # type: ignore[attr-defined]
                         pwrite_all(fd, os.pread(data_fd, n, slot), off)
-                    os.ftruncate(fd, int(size))  # type: ignore[arg-type]
+                    os.ftruncate(fd, int(size))  # type: ignore[call-overload]
                     os.fchmod(fd, int(mode))  # type: ignore[call-overload]
                     _backdate(fd)
                     os.fsync(fd)

@@ -56,7 +56,7 @@ class SeedSource:
                     where[cid] = (path, off, n)
                 off += n
 
-    def __contains__(self, cid: ChunkId) -> bool:
+    def __contains__(self, cid: object) -> bool:
         return cid in self._where
 
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 import lmdb
 
 from .chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
 from .errors import MaterializeError, SnapshotError
+from .hashing import ChunkId
 from .manifest import Kind, Manifest
 from .materialize import MaterializeResult, locked, materialize, recover
 from .plan import FetchPlan, plan_fetch
@@ -114,7 +115,7 @@ class Workspace:
     def fetch_plan(self, target: Manifest, dest: str | os.PathLike[str]) -> FetchPlan:
         """What a sync of ``target`` into ``dest`` would fetch now (chunks in none of its files)."""
         local = self.local_manifest(dest)
-        held = SeedSource(local, dest) if local is not None else set()
+        held: Container[ChunkId] = SeedSource(local, dest) if local is not None else set()
         return plan_fetch(target, held)
 
     def recover(self) -> bool:

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .flow import Flow, walk_works
 from .errors import WorkError
+from .flow import Flow, walk_works
 from .runner import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE, AppConfig, WorkHandle
 
 DEFAULT_TIMEOUT = float(os.environ.get("PATHAPI_TIMEOUT", "30"))

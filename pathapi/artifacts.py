@@ -17,9 +17,9 @@ from pathlib import Path as FsPath
 
 from cas import LocalChunkStore, Manifest, SeedSource
 from cas.errors import FileChangedError, ManifestError, UnsafePathError
-from cas.manifest import Kind, resolve_link
 from cas.gc import GcReport, collect_garbage
 from cas.leases import Leases
+from cas.manifest import Kind, resolve_link
 from cas.store import ChunkStore, LocalRefStore, RefStore
 from cas.workspace import Workspace
 

@@ -16,6 +16,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
+from typing import Any
 
 import aiohttp
 
@@ -27,8 +28,19 @@ from cas.hashing import ChunkId, chunk_id, verify
 from .aio import io_loop
 from .errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
 from .protocol import (
-    BATCH_BYTES, DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, HEADER_VERSION, MAX_BATCH_IDS,
-    MAX_DELTA_IDS, PROTOCOL_VERSION, STATUS_DELTA, STATUS_OK, STATUS_STALE,
+    BATCH_BYTES,
+    DELTA_HEAD,
+    DELTA_ITEM,
+    FRAME,
+    HEADER_MANIFEST_ID,
+    HEADER_PROTOCOL,
+    HEADER_VERSION,
+    MAX_BATCH_IDS,
+    MAX_DELTA_IDS,
+    PROTOCOL_VERSION,
+    STATUS_DELTA,
+    STATUS_OK,
+    STATUS_STALE,
 )
 from .version import Version
 
@@ -113,7 +125,8 @@ class OriginClient:
         except (OriginError, OriginUnreachableError):
             raise
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
-            what = f"did not answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) else "could not be reached or dropped the connection"
+            what = (f"did not answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError)
+                    else "could not be reached or dropped the connection")
             raise OriginUnreachableError(
                 f"origin {self.name!r} at {self.url} {what}: {type(e).__name__}: {e}", self.name
             ) from None
@@ -158,7 +171,7 @@ class OriginClient:
             if window >= PROGRESS_BYTES:
                 window, window_end = 0, loop.time() + self.timeout
 
-    def _call(self, method: str, path: str, **kw: object) -> tuple[int, bytes, dict[str, str]]:
+    def _call(self, method: str, path: str, **kw: Any) -> tuple[int, bytes, dict[str, str]]:
         # The request itself is bounded by its own timeouts; the extra margin only guards
         # against a wedged loop.
         return io_loop().run(self._request(method, path, **kw), timeout=self.timeout * 4 + 30)
@@ -167,7 +180,8 @@ class OriginClient:
         if status == 401:
             raise AuthenticationError(f"origin {self.name!r} refused the app secret ({what})", self.name)
         if status >= 400:
-            raise OriginError(f"origin {self.name!r} could not serve {what}: HTTP {status}: {body[:300].decode(errors='replace')}", self.name)
+            raise OriginError(
+                f"origin {self.name!r} could not serve {what}: HTTP {status}: {body[:300].decode(errors='replace')}", self.name)
 
     def manifest(self, rel: str) -> Manifest | None:
         """The current manifest of ``rel`` at the origin, or None if it does not exist there."""
@@ -200,7 +214,8 @@ class OriginClient:
         except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             answer = None
         if not isinstance(answer, bool):
-            raise OriginError(f"origin {self.name!r} answered exists({rel!r}) with {body[:100]!r}, not {{\"exists\": true|false}}", self.name)
+            raise OriginError(
+                f"origin {self.name!r} answered exists({rel!r}) with {body[:100]!r}, not {{\"exists\": true|false}}", self.name)
         return answer
 
     async def _fetch_deltas(self, body: bytes, limit: int | None = None) -> bytes:

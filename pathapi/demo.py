@@ -124,7 +124,7 @@ def _app_folder(root: str | None) -> Iterator[tuple[str, bool]]:
 
 
 def _report(flow: CheckpointFlow, where: str) -> None:
-    for label, t in zip(("first get", "after update"), flow.deploy.transfers):
+    for label, t in zip(("first get", "after update"), flow.deploy.transfers, strict=False):
         print(
             f"{label:13s} {t['files']} files, {t['bytes_total'] / MiB:6.1f} MiB | moved {t['chunks_transferred']:4d} chunks, "
             f"{t['bytes_transferred'] / MiB:6.2f} MiB ({100 * t['bytes_transferred'] / t['bytes_total']:5.1f} %) | "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hmac
 import json
 import os
@@ -672,11 +673,12 @@ class OriginService:
                 if loc is None:
                     out.append(FRAME.pack(STATUS_UNKNOWN, 0, cid, 0, 0))
                     continue
-                frame = self.cache.get_or_load(cid, lambda cid=cid, loc=loc: self._load(fds, cid, loc))
+                frame = self.cache.get_or_load(cid, functools.partial(self._load, fds, cid, loc))
                 if frame is None:
                     out.append(FRAME.pack(STATUS_STALE, 0, cid, 0, 0))
                     continue
-                status, codec, raw, payload = STATUS_OK, frame.codec, frame.raw_len, frame.payload
+                payload: bytes | memoryview = frame.payload
+                status, codec, raw = STATUS_OK, frame.codec, frame.raw_len
                 digests = bases.get(cid) if bases else None
                 if digests:
                     body = delta.encode(decompress(codec, payload, raw, cid.hex()), digests, block)

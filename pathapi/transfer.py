@@ -13,9 +13,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cas import Manifest
 from cas.errors import ChunkNotFoundError
@@ -85,9 +85,11 @@ class _Counting:
     def accepts_bases(self) -> bool:
         return bool(getattr(self.inner, "accepts_bases", False))
 
-    def get_many(self, ids: Iterable[ChunkId], **kw: Any) -> Iterator[tuple[ChunkId, Payload]]:
+    def get_many(self, ids: Iterable[ChunkId],
+                 bases: Mapping[ChunkId, tuple[str, int]] | None = None) -> Iterator[tuple[ChunkId, Payload]]:
         try:
-            for cid, data in self.inner.get_many(ids, **kw):
+            chunks = self.inner.get_many(ids, bases=bases) if bases is not None else self.inner.get_many(ids)  # type: ignore[call-arg]
+            for cid, data in chunks:
                 self.chunks += 1
                 self.bytes += len(data)
                 if self._bar is not None:
@@ -129,6 +131,11 @@ def _locate(ctx: WorkContext, origin: str, rel: str) -> _Located:
             return _Located(None, ctx.artifacts.chunks, "origin", None)
         return _Located(m, OriginSource(client, m), "origin", version)
     return _persisted(ctx, origin, rel) or _Located(None, ctx.artifacts.chunks, "artifacts", None)
+
+
+def _missing_bytes(ctx: WorkContext, target: Manifest, dest: str) -> Callable[[], int]:
+    """What a sync of ``target`` into ``dest`` would still fetch, asked when a progress bar starts."""
+    return lambda: ctx.workspace.fetch_plan(target, dest).missing_bytes
 
 
 def _held(ctx: WorkContext) -> HeldVersions:
@@ -183,8 +190,7 @@ def get(path: Path, overwrite: bool = False, *, in_place: bool = False, missing_
         mine = held.held(origin, rel) if kind == "artifacts" and os.path.lexists(dest) else None
         if mine is not None and (found.version is None or found.version < mine):
             return _keep_newer(ctx, origin, rel, dest, found, mine, keep_newer, t0)
-        target = m
-        counting = _Counting(source, f"get {rel}", lambda: ctx.workspace.fetch_plan(target, dest).missing_bytes)
+        counting = _Counting(source, f"get {rel}", _missing_bytes(ctx, m, dest))
         try:
             r = ctx.workspace.sync(m, dest, remote=counting, overwrite=overwrite, in_place=in_place)
         except StaleManifestError as e:

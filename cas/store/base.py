@@ -8,8 +8,8 @@ specification of these methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol, runtime_checkable
 
 from ..hashing import ChunkId
 
@@ -31,6 +31,21 @@ class ChunkSource(Protocol):
         consumer advances the iterator: copy what must outlive one step.
         """
         ...
+
+
+@runtime_checkable
+class DeltaSource(Protocol):
+    """A chunk source that can send a changed chunk as a block delta against bytes the
+    receiver already holds where that chunk goes (``bases``: id -> (file, offset)). Its
+    ``accepts_bases`` says whether it does so now (a wrapper may pass the question on)."""
+
+    @property
+    def accepts_bases(self) -> bool: ...
+
+    def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]: ...
+
+    def get_many(self, ids: Iterable[ChunkId],
+                 bases: Mapping[ChunkId, tuple[str, int]] | None = None) -> Iterator[tuple[ChunkId, Payload]]: ...
 
 
 class ChunkStore(ABC):
@@ -70,7 +85,7 @@ class ChunkStore(ABC):
     def delete_many(self, ids: Iterable[ChunkId]) -> int:
         """Remove chunks; the number that were present. Absent ids are ignored."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional to override: most stores hold nothing)
         """Release files and connections. The default does nothing."""
 
     def __enter__(self) -> ChunkStore:

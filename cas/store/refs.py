@@ -54,7 +54,7 @@ class RefStore(ABC):
         """The names that start with ``prefix``. A ref that cannot be read raises StoreError,
         never silently left out: garbage collection must see every ref."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional to override)
         """Release resources. The default does nothing."""
 
 

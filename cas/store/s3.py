@@ -261,7 +261,7 @@ class S3ChunkStore(ChunkStore):
                 if pid is not None:
                     listed[pid] = obj.etag
             changed = [pid for pid, etag in listed.items() if known.get(pid) != etag]
-            fetched: dict[int, _Pack | None] = dict(zip(changed, self.bucket.map(self._fetch_index, changed)))
+            fetched: dict[int, _Pack | None] = dict(zip(changed, self.bucket.map(self._fetch_index, changed), strict=True))
             with self._state:
                 for pid, pack in fetched.items():
                     current = self._packs.get(pid)
@@ -527,7 +527,7 @@ class S3ChunkStore(ChunkStore):
             with self._state:
                 self._gen += 1
                 new: _Pack | None
-                for (pid, _), new in zip(plans, results):
+                for (pid, _), new in zip(plans, results, strict=True):
                     if new is None:
                         self._uninstall(pid)
                         self._tombs[pid] = self._gen
