@@ -39,8 +39,3 @@ def verify(expected: ChunkId, data: bytes | bytearray | memoryview, where: str =
         )
 
 
-def parse_id(text: str) -> ChunkId:
-    """Parse a 64-character hex id; ``ValueError`` if it is not one."""
-    if len(text) != 2 * ID_SIZE:
-        raise ValueError(f"not a chunk id (want {2 * ID_SIZE} hex characters): {text!r}")
-    return bytes.fromhex(text)

@@ -26,7 +26,6 @@ GC only from other hosts, and only for ``ttl``. The record format is in docs/for
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import secrets
@@ -115,7 +114,7 @@ class Leases:
         self.poll = poll
 
     # -- reading ---------------------------------------------------------------------
-    def list(self, kind: str | None = None) -> list[Lease]:
+    def all(self, kind: str | None = None) -> list[Lease]:
         """Every lease record present (live or not) of ``kind`` (``shared``/``exclusive``)."""
         out = []
         for name in self.refs.names(f"{kind}/" if kind else ""):
@@ -124,14 +123,14 @@ class Leases:
                 out.append(lease)
         return out
 
-    def live(self, kind: str | None = None) -> builtins.list[Lease]:
+    def live(self, kind: str | None = None) -> list[Lease]:
         now = time.time()
-        return [lease for lease in self.list(kind) if lease.live(now)]
+        return [lease for lease in self.all(kind) if lease.live(now)]
 
     def break_dead(self) -> int:
         """Delete the records of leases that are no longer live; how many were deleted."""
         now = time.time()
-        return sum(self.refs.delete(lease.name) for lease in self.list() if not lease.live(now))
+        return sum(self.refs.delete(lease.name) for lease in self.all() if not lease.live(now))
 
     # -- holding ---------------------------------------------------------------------
     def _put(self, name: str, kind: str, what: str) -> None:

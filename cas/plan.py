@@ -42,7 +42,6 @@ def plan_fetch(target: Manifest, held: Container[ChunkId]) -> FetchPlan:
 
 
 class Action(Enum):
-    KEEP = "keep"  # same content and mode: nothing to do
     CHMOD = "chmod"  # same content, mode differs
     MKDIR = "mkdir"
     PLACE = "place"  # write a new file aside, then rename it over

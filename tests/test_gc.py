@@ -179,9 +179,9 @@ def test_a_lease_whose_process_was_killed_does_not_block_gc(tmp_path: Path) -> N
     child = Child("lease", str(tmp_path / "artifacts" / "leases"), "shared")
     child.wait_for("held")
     child.kill()
-    assert len(store.leases.list("shared")) == 1  # the record stays behind...
+    assert len(store.leases.all("shared")) == 1  # the record stays behind...
     assert store.gc().deleted_chunks == 1  # ...but is dead, and gc removes it
-    assert store.leases.list() == []
+    assert store.leases.all() == []
     store.close()
 
 
@@ -245,12 +245,12 @@ def test_a_lease_of_a_live_process_that_stopped_renewing_it_expires(tmp_path: Pa
 def test_a_held_lease_is_renewed(tmp_path: Path) -> None:
     leases = Leases(LocalRefStore(tmp_path / "leases"), ttl=0.4)
     with leases.shared("slow persist"):
-        first = leases.list("shared")[0].renewed
+        first = leases.all("shared")[0].renewed
         deadline = time.monotonic() + 30
-        while leases.list("shared")[0].renewed == first:
+        while leases.all("shared")[0].renewed == first:
             assert time.monotonic() < deadline, "lease was never renewed"
             time.sleep(0.05)
-    assert leases.list() == []
+    assert leases.all() == []
 
 
 def test_two_collections_at_once_never_both_run(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,32 @@ class CompactStats:
     @property
     def bytes_reclaimed(self) -> int:
         return self.bytes_before - self.bytes_after
+
+
+class _Appender:
+    """The buffer of records on their way to a local store's writable pack."""
+
+    def __init__(self, store: LocalChunkStore) -> None:
+        self.store = store
+        self.out: list[bytes | memoryview] = []
+        self.length = 0
+        self.written = False
+
+    def at(self) -> tuple[int, int]:
+        """(pack id, offset) the next record added will have."""
+        return self.store._writable()[0], self.store._writer_size + self.length
+
+    def add(self, *parts: bytes | memoryview) -> None:
+        self.out.extend(parts)
+        self.length += sum(len(p) for p in parts)
+        self.written = True
+        store = self.store
+        if self.length >= _WRITE_BUFFER or len(self.out) >= _MAX_IOV or store._writer_size + self.length >= store.pack_limit:
+            self.flush()
+
+    def flush(self) -> None:
+        self.store._flush(self.out, self.length)
+        self.out, self.length = [], 0
 
 
 class LocalChunkStore(ChunkStore):
@@ -194,42 +221,40 @@ class LocalChunkStore(ChunkStore):
                 return 0
             present = self.has_many(seen)
             records: list[tuple[ChunkId, bytes]] = []
-            out: list[bytes | memoryview] = []
-            out_len = 0
-            try:
+            with self._appending(f"cannot write chunks to {self.location}") as pack:
                 for cid, data in pending:
                     if cid in present:
                         continue
                     verify(cid, data, "put")
                     codec, payload = maybe_compress(data)
-                    pack_id = self._writable()[0]
-                    offset = self._writer_size + out_len
-                    out.append(RECORD.pack(RECORD_MAGIC, codec, 0, len(payload), len(data), cid))
-                    out.append(payload)
-                    out_len += RECORD.size + len(payload)
+                    pack_id, offset = pack.at()
+                    pack.add(RECORD.pack(RECORD_MAGIC, codec, 0, len(payload), len(data), cid), payload)
                     records.append((cid, INDEX.pack(pack_id, offset, len(payload), len(data), codec)))
-                    if (
-                        out_len >= _WRITE_BUFFER
-                        or len(out) >= _MAX_IOV
-                        or self._writer_size + out_len >= self.pack_limit
-                    ):
-                        self._flush(out, out_len)
-                        out, out_len = [], 0
-                self._flush(out, out_len)
-                if records:
-                    os.fdatasync(self._writer[1])  # type: ignore[index]
-            except OSError as e:
-                self._drop_writer()
-                raise StoreError(f"cannot write chunks to {self.location}: {e}", self.location) from e
-            except BaseException:
-                self._drop_writer()
-                raise
             added = 0
             with self._env.begin(write=True, db=self._db) as txn:
                 for cid, loc in records:
                     added += txn.put(cid, loc, overwrite=False)
             self._release_retired()
             return added
+
+    @contextmanager
+    def _appending(self, failure: str) -> Iterator[_Appender]:
+        """Records appended to the writable pack (a new one once it is full), buffered and
+        written in large vectored writes, then made durable; on any error the writer is
+        dropped (a torn tail is cut by the next writer) and an OSError becomes StoreError
+        saying ``failure``."""
+        pack = _Appender(self)
+        try:
+            yield pack
+            pack.flush()
+            if pack.written:
+                os.fdatasync(self._writer[1])  # type: ignore[index]
+        except OSError as e:
+            self._drop_writer()
+            raise StoreError(f"{failure}: {e}", self.location) from e
+        except BaseException:
+            self._drop_writer()
+            raise
 
     def _writable(self) -> tuple[int, int]:
         if self._writer is not None and self._writer_size < self.pack_limit:
@@ -393,9 +418,7 @@ class LocalChunkStore(ChunkStore):
         entries.sort(key=lambda e: INDEX.unpack(e[1])[:2])  # pack by pack, in file order
         moves: list[tuple[ChunkId, bytes, bytes]] = []
         keep: set[int] = set()
-        out: list[bytes | memoryview] = []
-        out_len = 0
-        try:
+        with self._appending(f"compaction of {self.location} failed") as pack:
             for cid, loc in entries:
                 pack_id, offset, stored, raw, codec = INDEX.unpack(loc)
                 try:
@@ -407,22 +430,9 @@ class LocalChunkStore(ChunkStore):
                     stats.corrupt.append(cid.hex())
                     continue
                 blob = os.pread(held[pack_id], RECORD.size + stored, offset)
-                new_pack, _ = self._writable()
-                moves.append((cid, loc, INDEX.pack(new_pack, self._writer_size + out_len, stored, raw, codec)))
-                out.append(blob)
-                out_len += len(blob)
-                if out_len >= _WRITE_BUFFER or len(out) >= _MAX_IOV or self._writer_size + out_len >= self.pack_limit:
-                    self._flush(out, out_len)
-                    out, out_len = [], 0
-            self._flush(out, out_len)
-            if moves:
-                os.fdatasync(self._writer[1])  # type: ignore[index]
-        except OSError as e:
-            self._drop_writer()
-            raise StoreError(f"compaction of {self.location} failed: {e}", self.location) from e
-        except BaseException:
-            self._drop_writer()
-            raise
+                new_pack, new_offset = pack.at()
+                moves.append((cid, loc, INDEX.pack(new_pack, new_offset, stored, raw, codec)))
+                pack.add(blob)
         with self._env.begin(write=True, db=self._db) as txn:
             for cid, old, new in moves:
                 if txn.get(cid) == old:  # not deleted or moved by another process meanwhile

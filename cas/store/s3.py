@@ -97,9 +97,6 @@ class _Pack:
     entries: dict[ChunkId, tuple[int, int, int, int]]  # id -> (offset, stored length, raw length, codec)
     gen: int = 0  # local change counter when this copy was installed
 
-    def live_bytes(self) -> int:
-        return sum(RECORD.size + stored for _, stored, _, _ in self.entries.values())
-
 
 def encode_index(size: int, entries: dict[ChunkId, tuple[int, int, int, int]]) -> bytes:
     """The index object of a pack of ``size`` bytes holding ``entries`` (docs/format.md)."""
@@ -256,7 +253,7 @@ class S3ChunkStore(ChunkStore):
                 known = {pid: p.etag for pid, p in self._packs.items()}
             base = self.prefix + "index/"
             listed: dict[int, str] = {}
-            for obj in self.bucket.list(base):
+            for obj in self.bucket.objects(base):
                 pid = self._pack_of(obj.key[len(base) :])
                 if pid is not None:
                     listed[pid] = obj.etag
@@ -568,7 +565,7 @@ class S3ChunkStore(ChunkStore):
             indexed: dict[int, int] = {}
             orphans: list[str] = []
             base = self.prefix + "packs/"
-            for obj in self.bucket.list(base):
+            for obj in self.bucket.objects(base):
                 pid = self._pack_of(obj.key[len(base) :])
                 if pid is None:
                     continue
@@ -752,11 +749,11 @@ class S3RefStore(RefStore):
 
     def names(self, prefix: str = "") -> Iterator[str]:
         self._ensure_open()
-        for obj in self.bucket.list(self.prefix + encode_ref_name(prefix)):
+        for obj in self.bucket.objects(self.prefix + encode_ref_name(prefix)):
             text = obj.key[len(self.prefix) :]
             if text and not text.startswith(_HASHED):
                 yield decode_ref_name(text)
-        for obj in self.bucket.list(self.prefix + _HASHED):
+        for obj in self.bucket.objects(self.prefix + _HASHED):
             got = self.bucket.get(obj.key)
             if got is not None:
                 name, _ = decode_ref(got[0], self.bucket.url(obj.key))

@@ -8,7 +8,6 @@ the endpoint and the bucket, never a credential.
 
 from __future__ import annotations
 
-import builtins
 import email.utils
 import logging
 import random
@@ -230,7 +229,7 @@ class S3Bucket:
                     self.location,
                 )
 
-    def list(self, prefix: str) -> Iterator[_Listed]:
+    def objects(self, prefix: str) -> Iterator[_Listed]:
         """Every object whose key starts with ``prefix``, in key order."""
         token: str | None = None
         while True:
@@ -250,7 +249,7 @@ class S3Bucket:
         date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         return email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
 
-    def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> builtins.list[Any]:
+    def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> list[Any]:
         """``[fn(x) for x in items]``, run on the pool; the first error is raised after all finished."""
         futures = [self.pool.submit(fn, x) for x in items]
         wait(futures)

@@ -1,0 +1,79 @@
+"""The layering docs/design.md states ("Packages and what each may import"), checked on the
+source: an import that runs upward fails here, not in review.
+
+Module-level imports only: the imports inside functions are the known cycles the structure
+issue removes (flow/work/runner, path/transfer); they are listed in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: cas modules that may import only these of cas (the pure and low layers).
+CAS_LOW = {
+    "errors": set(),
+    "fsutil": set(),
+    "hashing": {"errors"},
+    "compress": {"errors"},
+    "delta": {"errors"},
+    "chunking": {"hashing"},
+    "manifest": {"chunking", "errors", "hashing"},
+    "plan": {"chunking", "hashing", "manifest"},  # pure: no I/O either (below)
+}
+#: pathapi modules that import no other pathapi module (leaves others build on).
+PATHAPI_LEAVES = {"errors", "version", "protocol", "aio", "chunkcache"}
+
+
+def top_level_imports(path: Path, package: str) -> set[str]:
+    """Absolute dotted names of what ``path`` imports at module level."""
+    tree = ast.parse(path.read_text(), str(path))
+    rel_parts = path.relative_to(ROOT).with_suffix("").parts
+    here = list(rel_parts[:-1]) if rel_parts[-1] != "__init__" else list(rel_parts[:-1])
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules("cas"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_cas_never_imports_pathapi(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    assert not {n for n in names if n == "pathapi" or n.startswith("pathapi.")}
+
+
+@pytest.mark.parametrize("name", sorted(CAS_LOW))
+def test_the_low_layers_of_cas_import_only_what_is_below_them(name: str) -> None:
+    got = {m.split(".")[1] for m in top_level_imports(ROOT / "cas" / f"{name}.py", "cas")
+           if m.startswith("cas.") and m.count(".") >= 1}
+    assert got <= CAS_LOW[name], f"cas.{name} imports {sorted(got - CAS_LOW[name])}"
+
+
+def test_the_planner_does_no_io() -> None:
+    got = top_level_imports(ROOT / "cas" / "plan.py", "cas")
+    assert not got & {"os", "io", "shutil", "socket", "subprocess", "pathlib", "lmdb"}
+
+
+@pytest.mark.parametrize("name", sorted(PATHAPI_LEAVES))
+def test_pathapi_leaves_import_no_other_pathapi_module(name: str) -> None:
+    got = {m for m in top_level_imports(ROOT / "pathapi" / f"{name}.py", "pathapi") if m.startswith("pathapi")}
+    assert not got
