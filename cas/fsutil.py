@@ -7,7 +7,8 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
@@ -46,13 +47,37 @@ def syncfs(fd: int) -> bool:
     return _syncfs is not None and _syncfs(fd) == 0
 
 
-def sync_files(fds: Iterable[int], many: int = 32) -> None:
-    """fsync each file, or one syncfs(2) of their filesystem when there are many of them."""
-    fds = list(fds)
-    if len(fds) > many and syncfs(fds[0]):
+def syncfs_at(path: str | os.PathLike[str]) -> bool:
+    """syncfs(2) of the filesystem holding the folder ``path``; False if it did not happen."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+#: More files (or folders) than this are made durable by one syncfs(2), not an fsync each:
+#: past a few dozen, one flush of the filesystem costs less than their fsyncs one by one.
+SYNCFS_MIN_FILES = 32
+
+_T = TypeVar("_T")
+
+
+def sync_each_or_all(items: Sequence[_T], fsync_one: Callable[[_T], object], syncfs_from: Callable[[_T], bool],
+                     many: int = SYNCFS_MIN_FILES) -> None:
+    """Make ``items`` durable: one syncfs(2) of their filesystem, reached through
+    ``syncfs_from(items[0])``, when there are more than ``many`` of them (they must all be on
+    that filesystem); else, or where syncfs did not happen, ``fsync_one`` of each. The one
+    place that decides between the two."""
+    if len(items) > many and syncfs_from(items[0]):
         return
-    for fd in fds:
-        os.fsync(fd)
+    for item in items:
+        fsync_one(item)
+
+
+def sync_files(fds: Iterable[int], many: int = SYNCFS_MIN_FILES) -> None:
+    """fsync each file, or one syncfs(2) of their filesystem when there are many of them."""
+    sync_each_or_all(list(fds), os.fsync, syncfs, many)
 
 
 def reserve(fd: int, offset: int, length: int) -> bool:

@@ -25,6 +25,20 @@ CAS_LOW = {
     "manifest": {"chunking", "errors", "hashing"},
     "plan": {"chunking", "hashing", "manifest"},  # pure: no I/O either (below)
 }
+#: What the modules of the cas.materialize package may import of cas outside it.
+MATERIALIZE_USES = {"plan", "sources", "fsutil", "manifest", "store", "chunking", "hashing", "errors"}
+#: Which modules of cas.materialize each of them may import (docs/design.md): the phases
+#: build on the journal and the leaves, never the reverse. A new module gets its row here.
+MATERIALIZE_INNER = {
+    "journal": set(), "files": set(), "lock": set(), "paths": set(),
+    "fill": {"files"},
+    "resume": {"journal"},
+    "checks": {"journal", "paths"},
+    "apply": {"files", "journal", "paths"},
+    "recover": {"apply", "journal", "resume"},
+    "staging": {"files", "fill", "journal", "paths", "resume"},
+    "run": {"apply", "checks", "journal", "paths", "resume", "staging"},
+}
 #: pathapi modules that import no other pathapi module (leaves others build on).
 PATHAPI_LEAVES = {"errors", "version", "protocol", "aio", "chunkcache"}
 
@@ -66,6 +80,20 @@ def test_the_low_layers_of_cas_import_only_what_is_below_them(name: str) -> None
     got = {m.split(".")[1] for m in top_level_imports(ROOT / "cas" / f"{name}.py", "cas")
            if m.startswith("cas.") and m.count(".") >= 1}
     assert got <= CAS_LOW[name], f"cas.{name} imports {sorted(got - CAS_LOW[name])}"
+
+
+def test_every_materialize_module_has_its_place_in_the_map() -> None:
+    got = {p.stem for p in (ROOT / "cas" / "materialize").glob("*.py")} - {"__init__"}
+    assert got == set(MATERIALIZE_INNER)
+
+
+@pytest.mark.parametrize("name", sorted(MATERIALIZE_INNER))
+def test_materialize_modules_import_only_what_the_map_allows(name: str) -> None:
+    got = {m for m in top_level_imports(ROOT / "cas" / "materialize" / f"{name}.py", "cas") if m.startswith("cas.")}
+    inner = {m.split(".")[2] for m in got if m.startswith("cas.materialize.")}
+    outer = {m.split(".")[1] for m in got if not m.startswith("cas.materialize")}
+    assert inner <= MATERIALIZE_INNER[name], f"cas.materialize.{name} imports {sorted(inner - MATERIALIZE_INNER[name])}"
+    assert outer <= MATERIALIZE_USES, f"cas.materialize.{name} imports cas.{sorted(outer - MATERIALIZE_USES)}"
 
 
 def test_the_planner_does_no_io() -> None:
