@@ -9,8 +9,8 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# flock(2) excludes other processes; threads of this one share its descriptors' locks, so
-# they are excluded by a lock of their own per state folder.
+# One lock per state folder for the threads of this process, taken before flock(2), which
+# excludes the other processes.
 _thread_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
