@@ -32,6 +32,7 @@ from cas.errors import GcError, StoreBusyError
 from cas.hashing import ChunkId, chunk_id
 from cas.leases import HOST, LEASE_VERSION, Leases
 from cas.manifest import Manifest
+from cas.repository import Repository
 from cas.store import LocalChunkStore, LocalRefStore, MemoryChunkStore
 from cas.workspace import Workspace
 from pathapi.artifacts import ArtifactStore, decode_ref
@@ -101,7 +102,7 @@ def test_gc_deletes_exactly_the_chunks_no_manifest_names(tmp_path_factory: pytes
                                                          trees: list[int], dropped: set[int], memory: bool) -> None:
     base = tmp_path_factory.mktemp("gc")
     chunks = MemoryChunkStore() if memory else LocalChunkStore(base / "chunks", pack_limit=1 << 20)
-    store = ArtifactStore(chunks, LocalRefStore(base / "refs"), str(base), LocalRefStore(base / "leases"))
+    store = ArtifactStore(Repository(chunks, LocalRefStore(base / "refs"), LocalRefStore(base / "leases"), str(base)))
     kept: dict[str, Manifest] = {}
     with Workspace(base / "ws") as ws:
         for i, seed in enumerate(trees):
