@@ -13,10 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .cli import push_tree
 from .manifest import Manifest
-from .store.base import ChunkStore
-from .store.local import LocalChunkStore
+from .repository import Repository
 from .workspace import Workspace
 
 MiB = 1 << 20
@@ -43,10 +41,12 @@ def _edit(root: Path, rng: random.Random) -> None:
     (root / "checkpoints" / "step.txt").write_text("1000\n")
 
 
-def _publish(ws: Workspace, store: ChunkStore, root: Path) -> Manifest:
+def _publish(ws: Workspace, repo: Repository, root: Path) -> Manifest:
     """Snapshot ``root`` and store its chunks, as ``cas push`` does (never a manifest naming
     a chunk that was skipped because its file changed meanwhile)."""
-    return push_tree(ws, store, root)[0]
+    pushed = repo.push("demo", root, ws)
+    assert pushed is not None  # missing_ok is off: a missing root raised
+    return pushed.manifest
 
 
 def run(size: int = 64 * MiB, out: Callable[[str], None] = print, seed: int = 7) -> None:
@@ -56,14 +56,14 @@ def run(size: int = 64 * MiB, out: Callable[[str], None] = print, seed: int = 7)
         origin, receiver = base / "origin" / "outputs", base / "receiver" / "outputs"
         _write_checkpoint(origin, size, rng)
         with Workspace(base / "origin" / ".cas") as ows, Workspace(base / "receiver" / ".cas") as rws, \
-                LocalChunkStore(base / "store") as store:
+                Repository.open(base / "store") as repo:
             for label, change in (("first sync", None), ("after edits", _edit)):
                 if change is not None:
                     change(origin, rng)
                 t = time.perf_counter()
-                m = _publish(ows, store, origin)
+                m = _publish(ows, repo, origin)
                 t_pub = time.perf_counter() - t
-                r = rws.sync(m, receiver, remote=store)
+                r = rws.sync(m, receiver, remote=repo.chunks)
                 if rws.snapshot(receiver).id != m.id:
                     raise SystemExit(f"demo failed: receiver differs from origin after {label}")
                 out(

@@ -15,19 +15,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 
-from cas import LocalChunkStore, Manifest, SeedSource
-from cas.errors import FileChangedError, ManifestError, UnsafePathError
-from cas.gc import GcReport, collect_garbage
-from cas.leases import Leases
+from cas import Manifest
+from cas.errors import ManifestError, UnsafePathError
+from cas.gc import GcReport
 from cas.manifest import Kind, resolve_link
-from cas.store import ChunkStore, LocalRefStore, RefStore
+from cas.repository import PUSH_ATTEMPTS, Repository
 from cas.workspace import Workspace
 
 from .origin import PathOutsideRootError, resolve_under
 from .version import UNKNOWN, Version
-
-#: Bytes of chunks read and stored per batch while persisting (bounds memory).
-PERSIST_BATCH = 64 << 20
 
 REF_MAGIC = b"PREF"
 REF_VERSION = 1
@@ -110,39 +106,22 @@ def subtree(m: Manifest, sub: str) -> Manifest | None:
 
 
 class ArtifactStore:
-    """``chunks`` and ``refs`` hold the data; ``leases`` (a ref store of its own) keep
-    garbage collection and persists apart (:mod:`cas.leases`)."""
+    """A :class:`~cas.repository.Repository` whose refs are named ``<work>/<path>`` and hold
+    persisted refs (a manifest and its version). Pushes, collections and the store layout
+    are the repository's; this class only names and decodes."""
 
-    def __init__(self, chunks: ChunkStore, refs: RefStore, location: str, leases: RefStore) -> None:
-        self.chunks = chunks
-        self.refs = refs
-        self.location = location
-        self.lease_refs = leases
-        self.leases = Leases(leases)
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.chunks = repo.chunks
+        self.refs = repo.refs
+        self.location = repo.location
+        self.leases = repo.leases
 
     @classmethod
     def open(cls, url: str | os.PathLike[str] | None, app_root: str | os.PathLike[str]) -> ArtifactStore:
-        """``None``: a folder under the app root; a path: that folder; ``s3://bucket/prefix``:
-        that prefix of an existing bucket (endpoint, credentials and region from the standard
-        AWS environment variables and config files; ``AWS_ENDPOINT_URL`` for S3-compatible
-        servers). The bucket is not created: a mistyped name raises StoreError instead of
-        quietly starting an empty store."""
-        if url is None:
-            url = FsPath(app_root) / "artifacts"
-        text = os.fspath(url)
-        if text.startswith("s3://"):
-            from cas.store.s3 import S3Bucket, S3ChunkStore, S3RefStore
-
-            bucket, prefix = S3Bucket.from_url(text)
-            try:  # one client and thread pool for the three stores
-                return cls(S3ChunkStore(bucket, prefix + "chunks/"), S3RefStore(bucket, prefix + "refs/"),
-                           bucket.url(prefix).rstrip("/"), S3RefStore(bucket, prefix + "leases/"))
-            finally:
-                bucket.release()
-        if "://" in text and not text.startswith("file://"):
-            raise ValueError(f"unsupported artifact store {text!r}: give a folder or s3://bucket/prefix")
-        root = FsPath(text.removeprefix("file://")).absolute()
-        return cls(LocalChunkStore(root / "chunks"), LocalRefStore(root / "refs"), str(root), LocalRefStore(root / "leases"))
+        """``None``: a folder under the app root; otherwise the repository at ``url`` (a folder
+        or ``s3://bucket/prefix``: :meth:`Repository.open`, which never creates a bucket)."""
+        return cls(Repository.open(FsPath(app_root) / "artifacts" if url is None else url))
 
     @staticmethod
     def ref_name(work: str, rel: str) -> str:
@@ -177,15 +156,14 @@ class ArtifactStore:
         return best
 
     def persist(self, work: str, rel: str, path: str, workspace: Workspace, *, version: Version,
-                attempts: int = 3) -> Manifest | None:
+                attempts: int = PUSH_ATTEMPTS) -> Manifest | None:
         """Store the current tree at ``path`` as ``work``'s ``rel``, produced by ``version``:
-        chunks the store lacks, then the ref. None if nothing exists at ``path``.
-
-        Runs under a shared lease, so a garbage collection never deletes a chunk this
-        persist found present and relies on.
-        """
-        with self.leases.shared(f"persist of {work}/{rel}"):
-            return self._persist(work, os.path.normpath(rel), path, workspace, version, attempts)
+        :meth:`Repository.push` to the ref ``<work>/<rel>`` (chunks the store lacks, then the
+        ref, under a lease no garbage collection runs against). None if nothing exists at
+        ``path``; FileChangedError if it kept changing through ``attempts`` snapshots."""
+        pushed = self.repo.push(self.ref_name(work, os.path.normpath(rel)), path, workspace,
+                                encode=lambda m: encode_ref(m, version), attempts=attempts, missing_ok=True)
+        return pushed.manifest if pushed is not None else None
 
     def persist_in_root(self, work: str, rel: str, work_root: str, workspace: Workspace, *,
                         version: Version) -> Manifest | None:
@@ -198,35 +176,9 @@ class ArtifactStore:
             raise PathOutsideRootError(f"{e} ({work_root}): not persisted; a lit:// path stays inside its work's root") from None
         return self.persist(work, rel, path, workspace, version=version)
 
-    def _persist(self, work: str, rel: str, root: str, workspace: Workspace, version: Version,
-                 attempts: int) -> Manifest | None:
-        for _ in range(attempts):
-            if not (os.path.isfile(root) or os.path.isdir(root)):
-                return None  # nothing there, or a link that leads nowhere: nothing to persist
-            m = workspace.snapshot(root)
-            missing = sorted(m.chunk_ids() - self.chunks.has_many(m.chunk_ids()))
-            seed = SeedSource(m, root)
-            sizes = m.chunk_sizes()
-            batch: list[bytes] = []
-            size = 0
-            for cid in missing:
-                batch.append(cid)
-                size += sizes[cid]
-                if size >= PERSIST_BATCH:
-                    self.chunks.put_many(seed.get_many(batch))
-                    batch, size = [], 0
-            self.chunks.put_many(seed.get_many(batch))
-            if not seed.stale:
-                self.refs.put(self.ref_name(work, rel), encode_ref(m, version))
-                return m
-        raise FileChangedError(f"{root} kept changing while it was persisted ({attempts} attempts)", root)
-
     def gc(self, *, dry_run: bool = False, min_garbage: float = 0.2) -> GcReport:
-        """Delete the chunks no persisted manifest names (see :func:`cas.gc.collect_garbage`)."""
-        return collect_garbage(self.chunks, self.refs, self.leases, dry_run=dry_run, min_garbage=min_garbage,
-                               decode=_manifest_of_ref)
+        """Delete the chunks no persisted manifest names (:meth:`Repository.gc`)."""
+        return self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=_manifest_of_ref)
 
     def close(self) -> None:
-        self.chunks.close()
-        self.refs.close()
-        self.lease_refs.close()
+        self.repo.close()

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cas.errors import GcError, StoreBusyError
+from cas.gc import GcReport
 from cas.hashing import ChunkId, chunk_id
 from cas.leases import HOST, LEASE_VERSION, Leases
 from cas.manifest import Manifest
+from cas.repository import Repository
 from cas.store import LocalChunkStore, LocalRefStore, MemoryChunkStore
 from cas.workspace import Workspace
 from pathapi.artifacts import ArtifactStore, decode_ref
@@ -101,7 +104,7 @@ def test_gc_deletes_exactly_the_chunks_no_manifest_names(tmp_path_factory: pytes
                                                          trees: list[int], dropped: set[int], memory: bool) -> None:
     base = tmp_path_factory.mktemp("gc")
     chunks = MemoryChunkStore() if memory else LocalChunkStore(base / "chunks", pack_limit=1 << 20)
-    store = ArtifactStore(chunks, LocalRefStore(base / "refs"), str(base), LocalRefStore(base / "leases"))
+    store = ArtifactStore(Repository(chunks, LocalRefStore(base / "refs"), LocalRefStore(base / "leases"), str(base)))
     kept: dict[str, Manifest] = {}
     with Workspace(base / "ws") as ws:
         for i, seed in enumerate(trees):
@@ -264,22 +267,8 @@ def test_gc_racing_a_persisting_process_never_leaves_a_manifest_without_its_chun
     Path(tmp_path / "app").mkdir()
     child = Child("persist", str(tmp_path / "app"), str(tmp_path / "tree"), "40", "7")
     store = ArtifactStore.open(None, tmp_path / "app")
-    runs = busy = deleted = 0
     try:
-        while child.proc.poll() is None or runs == 0:
-            try:
-                report = store.gc(min_garbage=0.0)
-            except StoreBusyError:
-                busy += 1
-                time.sleep(random.uniform(0, 0.02))
-                continue
-            runs += 1
-            deleted += report.deleted_chunks
-            raw = store.refs.get("writer/tree")
-            if raw is not None:
-                m = decode_ref(raw)[0]
-                # Chunks can only have been added since the collection: the current ref is whole.
-                assert all_readable(store, m), f"after gc run {runs}: the ref names deleted chunks"
+        runs, busy, deleted = collect_while_running(child.proc, store.gc, lambda: _whole(store, "writer/tree"))
         child.wait_for("done")
     finally:
         if child.proc.poll() is None:
@@ -291,6 +280,30 @@ def test_gc_racing_a_persisting_process_never_leaves_a_manifest_without_its_chun
     assert set(store.chunks.iter_ids()) == final.chunk_ids()
     assert runs >= 1 and deleted > 0, (runs, busy, deleted)
     store.close()
+
+
+def _whole(store: ArtifactStore, ref: str) -> bool:
+    raw = store.refs.get(ref)
+    return raw is None or all_readable(store, decode_ref(raw)[0])
+
+
+def collect_while_running(proc: subprocess.Popen[str], gc: Callable[..., GcReport],
+                          whole: Callable[[], bool]) -> tuple[int, int, int]:
+    """Collect in a loop while ``proc`` runs (once at least), checking ``whole()`` after each
+    collection that ran; (collections run, refused as busy, chunks deleted)."""
+    runs = busy = deleted = 0
+    while proc.poll() is None or runs == 0:
+        try:
+            report = gc(min_garbage=0.0)
+        except StoreBusyError:
+            busy += 1
+            time.sleep(random.uniform(0, 0.02))
+            continue
+        runs += 1
+        deleted += report.deleted_chunks
+        # Chunks can only have been added since the collection: the current ref is whole.
+        assert whole(), f"after gc run {runs}: the ref names deleted chunks"
+    return runs, busy, deleted
 
 
 # -- compaction -------------------------------------------------------------------------

@@ -105,3 +105,34 @@ def test_the_planner_does_no_io() -> None:
 def test_pathapi_leaves_import_no_other_pathapi_module(name: str) -> None:
     got = {m for m in top_level_imports(ROOT / "pathapi" / f"{name}.py", "pathapi") if m.startswith("pathapi")}
     assert not got
+
+
+#: What the persist side of pathapi may take from cas: the repository pushes and opens stores.
+ARTIFACTS_FROM_CAS = {"cas", "cas.errors", "cas.gc", "cas.manifest", "cas.repository", "cas.workspace"}
+
+
+def test_artifacts_names_refs_and_leaves_stores_and_pushes_to_the_repository() -> None:
+    tree = ast.parse((ROOT / "pathapi" / "artifacts.py").read_text())
+    got = {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom) and not n.level}
+    got |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    got = {m for m in got if m == "cas" or m.startswith("cas.")}
+    assert got <= ARTIFACTS_FROM_CAS, f"pathapi.artifacts imports {sorted(got - ARTIFACTS_FROM_CAS)}"
+
+
+@pytest.mark.parametrize("name", ["gc", "leases"])
+def test_gc_and_leases_sit_below_the_repository(name: str) -> None:
+    got = {m for m in top_level_imports(ROOT / "cas" / f"{name}.py", "cas") if m.startswith("cas.")}
+    assert not {m for m in got if m.split(".")[1] in {"repository", "workspace", "cli", "demo"}}
+
+
+def _calls(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+
+
+@pytest.mark.parametrize("path", modules("cas") + modules("pathapi"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_repository_pushes(path: Path) -> None:
+    """A push is "which chunks does the store lack, then put them": one copy, the careful one."""
+    if path == ROOT / "cas" / "repository.py" or path.parent.name == "store" or path.name == "testing.py":
+        return
+    assert not {"has_many", "put_many"} <= _calls(path), f"{path.name} pushes on its own: use Repository.push"

@@ -31,11 +31,12 @@ from s3server import SeaweedServer
 from cas import Manifest
 from cas.errors import StoreError
 from cas.hashing import ChunkId, chunk_id
+from cas.repository import PUSH_BATCH as PERSIST_BATCH
 from cas.store.base import Payload
 from cas.store.s3 import S3Bucket, S3ChunkStore
 from cas.workspace import Workspace
 from pathapi import App, Flow, Work, WorkError
-from pathapi.artifacts import PERSIST_BATCH, ArtifactStore, decode_ref
+from pathapi.artifacts import ArtifactStore, decode_ref
 from pathapi.version import Version
 
 BUCKET = "pathapi-test"
