@@ -23,6 +23,7 @@ from cas.manifest import Kind, resolve_link
 from cas.store import ChunkStore, LocalRefStore, RefStore
 from cas.workspace import Workspace
 
+from .errors import PathapiError
 from .origin import PathOutsideRootError, resolve_under
 from .version import UNKNOWN, Version
 
@@ -75,7 +76,7 @@ class Persisted:
     ref_rel: str
 
 
-class SubPathError(ValueError):
+class SubPathError(PathapiError, ValueError):
     """A sub-path of a persisted tree cannot be described on its own (a link in it leaves it)."""
 
 
