@@ -12,6 +12,7 @@ from .errors import (
     OriginError,
     OriginUnreachableError,
     PathapiError,
+    TransferError,
     WorkError,
 )
 from .flow import Flow
@@ -26,5 +27,6 @@ LightningApp = App
 
 __all__ = [
     "App", "AuthenticationError", "Flow", "LightningApp", "LightningFlow", "LightningWork", "LitPathError",
-    "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferRecord", "Work", "WorkError",
+    "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferError", "TransferRecord", "Work",
+    "WorkError",
 ]

@@ -22,6 +22,7 @@ from cas.manifest import Kind, resolve_link
 from cas.repository import PUSH_ATTEMPTS, Repository
 from cas.workspace import Workspace
 
+from .errors import PathapiError
 from .origin import PathOutsideRootError, resolve_under
 from .version import UNKNOWN, Version
 
@@ -71,7 +72,7 @@ class Persisted:
     ref_rel: str
 
 
-class SubPathError(ValueError):
+class SubPathError(PathapiError, ValueError):
     """A sub-path of a persisted tree cannot be described on its own (a link in it leaves it)."""
 
 

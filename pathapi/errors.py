@@ -1,17 +1,41 @@
-"""Exceptions raised by pathapi. One base class; each also subclasses the builtin users catch."""
+"""Exceptions raised by pathapi.
+
+One base class, :class:`PathapiError`; each concrete error also subclasses the builtin a
+user catches (``ConnectionError`` for an unreachable origin, ``PermissionError`` for a
+refused secret, ...). Every error carries ``where`` (the work, or path, it is about) and
+``errno``; storing them, ``str()`` and pickling are :class:`cas.errors.LocatedError`'s,
+written once for both packages.
+
+A ``Path.get`` that fails on a cas error raises a :class:`TransferError` built by
+:func:`transfer_error`: it is still an instance of that cas error's class (and so of the
+builtin it subclasses), and names the get it broke.
+"""
 
 from __future__ import annotations
 
+from typing import Any
 
-class PathapiError(Exception):
+from cas.errors import CasError, LocatedError, restore
+
+
+class PathapiError(LocatedError):
     """Base class of every error raised by pathapi itself."""
 
 
+class _OfWork(LocatedError):
+    """An error about one work; ``work_name`` is ``where``, the name it had first."""
+
+    @property
+    def work_name(self) -> str | None:
+        return self.where
+
+
 class WorkError(PathapiError, RuntimeError):
-    """A work's ``run`` raised: ``work_name`` names it, ``remote_traceback`` is its traceback."""
+    """A work's ``run`` raised: ``work_name`` (and ``where``) names it, ``remote_traceback``
+    is its traceback."""
 
     def __init__(self, work_name: str, message: str, remote_traceback: str = "") -> None:
-        super().__init__(f"work {work_name!r} failed: {message}")
+        super().__init__(f"work {work_name!r} failed: {message}", work_name)
         self.work_name = work_name
         self.remote_traceback = remote_traceback
 
@@ -20,26 +44,12 @@ class WorkError(PathapiError, RuntimeError):
         return f"{base}\n\n--- traceback in {self.work_name} ---\n{self.remote_traceback}" if self.remote_traceback else base
 
 
-class OriginUnreachableError(PathapiError, ConnectionError):
+class OriginUnreachableError(PathapiError, _OfWork, ConnectionError):
     """The work that owns a path could not be reached in time, and nothing was persisted for it."""
 
-    def __init__(self, message: str, work_name: str | None = None) -> None:
-        super().__init__(message)
-        self.work_name = work_name
 
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class OriginError(PathapiError, OSError):
+class OriginError(PathapiError, _OfWork, OSError):
     """The origin answered, but could not serve the request (it says why)."""
-
-    def __init__(self, message: str, work_name: str | None = None) -> None:
-        super().__init__(message)
-        self.work_name = work_name
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class StaleManifestError(OriginError):
@@ -50,17 +60,61 @@ class AuthenticationError(OriginError, PermissionError):
     """The origin refused the request: wrong or missing app secret."""
 
 
-class OlderVersionError(PathapiError, RuntimeError):
+class OlderVersionError(PathapiError, _OfWork, RuntimeError):
     """A get could only have replaced this work's files by an older version of them (the
     origin is gone and its last persist predates them): nothing was changed."""
-
-    def __init__(self, message: str, work_name: str | None = None) -> None:
-        super().__init__(message)
-        self.work_name = work_name
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class LitPathError(PathapiError, ValueError):
     """A ``lit://`` string that does not name a place inside its work's root."""
+
+
+class TransferError(PathapiError):
+    """A ``Path.get`` failed on an error of cas (a store, a manifest, the materialize).
+
+    Raised only as the class :func:`transfer_error` makes for that cas error, which is also
+    a subclass of the cas error's class: ``except MaterializeError`` or ``except OSError``
+    catch it as before. ``where`` and ``errno`` (and ``chunk_id``...) are the cas error's;
+    ``work_name`` is the origin work, ``rel`` the Path, ``dest`` the local destination; the
+    cas error itself is ``__cause__``.
+    """
+
+    #: the cas class this transfer error class stands for
+    wrapped: type[CasError] = CasError
+    work_name: str
+    rel: str
+    dest: str
+
+    def __reduce__(self) -> tuple[Any, ...]:  # its class is made at run time: rebuilt, not looked up
+        return _restore_transfer, (self.wrapped, self.args, self.errno), self.__dict__
+
+
+_TRANSFER_CLASSES: dict[type[CasError], type[TransferError]] = {}
+
+
+def transfer_class(wrapped: type[CasError]) -> type[TransferError]:
+    """The one :class:`TransferError` class standing for ``wrapped``; it keeps its name, so a
+    message that says the error's type still says ``MaterializeError``."""
+    known = _TRANSFER_CLASSES.get(wrapped)
+    if known is not None:
+        return known
+    made = type(wrapped.__name__, (TransferError, wrapped), {
+        "wrapped": wrapped, "__module__": __name__, "__qualname__": f"TransferError[{wrapped.__qualname__}]",
+        "__doc__": f"A get failed on a {wrapped.__name__}: {wrapped.__doc__ or ''}",
+    })
+    return _TRANSFER_CLASSES.setdefault(wrapped, made)  # two threads making one: both get the first
+
+
+def _restore_transfer(wrapped: type[CasError], args: tuple[Any, ...], errno: int | None) -> TransferError:
+    return restore(transfer_class(wrapped), args, errno)
+
+
+def transfer_error(e: CasError, work_name: str, rel: str, dest: str) -> TransferError:
+    """``e``, met by the get of ``rel`` from the work ``work_name`` into ``dest``, as the
+    transfer error a user sees: the same message after the get it broke, the same fields."""
+    if isinstance(e, TransferError):  # already names its get
+        return e
+    err = restore(transfer_class(type(e)), (f"the get of {rel!r} from work {work_name!r} failed: {e}",), e.errno)
+    err.__dict__.update(e.__dict__)
+    err.work_name, err.rel, err.dest = work_name, rel, dest
+    return err

@@ -41,6 +41,7 @@ from cas.manifest import MAX_NAME_BYTES
 from cas.workspace import Workspace
 
 from .chunkcache import Frame, FrameCache, PriorityGate
+from .errors import PathapiError
 from .protocol import (
     DELTA_HEAD,
     DELTA_ITEM,
@@ -350,7 +351,7 @@ def _rank(served: _Served, ids: list[bytes]) -> int:
     return 0
 
 
-class PathOutsideRootError(ValueError):
+class PathOutsideRootError(PathapiError, ValueError):
     """A request named a path that is not inside the origin's root."""
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cas import Manifest
-from cas.errors import ChunkNotFoundError
+from cas.errors import CasError, ChunkNotFoundError
 from cas.hashing import ChunkId
 from cas.store.base import ChunkSource, Payload
 
 from .client import OriginClient, OriginSource
 from .context import WorkContext, require_run
-from .errors import OlderVersionError, OriginUnreachableError, StaleManifestError
+from .errors import OlderVersionError, OriginUnreachableError, StaleManifestError, transfer_error
 from .held import HeldVersions
 from .origin import PathOutsideRootError, resolve_under
 from .version import Version
@@ -182,6 +182,8 @@ def get(path: Path, overwrite: bool = False, *, in_place: bool = False, missing_
                 f"{e}. The get of {rel!r} from origin work {origin!r} moved nothing. The files at {dest} are unchanged",
                 origin,
             ) from e
+        except CasError as e:  # a persisted ref or manifest that cannot be read
+            raise transfer_error(e, origin, rel, dest) from e
         m, source, kind = found.manifest, found.source, found.kind
         if m is None:
             if missing_ok:
@@ -200,11 +202,13 @@ def get(path: Path, overwrite: bool = False, *, in_place: bool = False, missing_
             raise _lost(e, origin, rel, dest, counting) from e
         except ChunkNotFoundError as e:
             if kind != "artifacts":
-                raise
+                raise transfer_error(e, origin, rel, dest) from e
             # The persisted ref was replaced and a garbage collection removed chunks of the
             # manifest we read: the current one names chunks that exist.
             last = StaleManifestError(f"persisted manifest of {rel!r} was replaced during the get: {e}", origin)
             continue
+        except CasError as e:  # the store, the chunks or the destination failed
+            raise transfer_error(e, origin, rel, dest) from e
         if found.version is not None:
             held.record(origin, rel, found.version)
         wire = source.bytes_received if isinstance(source, OriginSource) else counting.bytes

@@ -5,7 +5,6 @@ test_origin_files, test_torn): real origin processes, real consumer processes, t
   what it served;
 - :class:`GetChild` runs ``_get_child.py`` (a consumer work's ``Path.get``), started ahead of
   time so that a test's clock starts when the job is sent, not when Python starts;
-- :func:`tree_state` describes a tree on disk (sha256 per file, exec bits, link targets);
 - :class:`Tally` counts cases per fault class and prints a summary at the end of a module
   (visible with ``pytest -s``; also appended as JSON lines to ``$PATHAPI_FAULT_REPORT``).
 """
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
+from trees import Dir, File, Link, Model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -45,49 +44,6 @@ def _env() -> dict[str, str]:
 
 
 # -- trees ------------------------------------------------------------------------------
-def sha(path: str | os.PathLike[str]) -> str:
-    """BLAKE3 of a file's bytes (hex)."""
-    h = blake3.blake3()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tree_state(root: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """rel path -> ("file", blake3, executable) | ("dir",) | ("link", target); a file root
-    is named "". None if nothing is there."""
-    root = os.fspath(root)
-    if not os.path.lexists(root):
-        return None
-    if os.path.islink(root):
-        return {"": ("link", os.readlink(root))}
-    if not os.path.isdir(root):
-        return {"": ("file", sha(root), bool(os.stat(root).st_mode & 0o100))}
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            if os.path.islink(full):
-                out[rel] = ("link", os.readlink(full))
-            elif os.path.isdir(full):
-                out[rel] = ("dir",)
-            else:
-                out[rel] = ("file", sha(full), bool(os.stat(full).st_mode & 0o100))
-    return out
-
-
-def listing(folder: str | os.PathLike[str]) -> list[str]:
-    """Every path under ``folder`` (recursively, relative), sorted; [] if it does not exist."""
-    folder = os.fspath(folder)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in dirnames + filenames:
-            out.append(os.path.relpath(os.path.join(dirpath, name), folder))
-    return sorted(out)
-
-
 def state_leftovers(state: str | os.PathLike[str]) -> list[str]:
     """What a consumer's state folder holds besides its lock and stat cache: after a get that
     succeeded, nothing (no transaction, no staging, no resume folder)."""
@@ -97,57 +53,40 @@ def state_leftovers(state: str | os.PathLike[str]) -> list[str]:
     return sorted(n for n in os.listdir(state) if n not in ("lock", "statcache"))
 
 
-def write_files(root: Path, files: dict[str, Any]) -> None:
-    """Write a tree: rel -> bytes (a file), (bytes, True) (an executable), ("->", target)
-    (a symlink) or None (a folder)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for rel, spec in sorted(files.items()):
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if spec is None:
-            p.mkdir(exist_ok=True)
-        elif isinstance(spec, tuple) and spec[0] == "->":
-            os.symlink(spec[1], p)
-        else:
-            data, exe = spec if isinstance(spec, tuple) else (spec, False)
-            p.write_bytes(data)
-            os.chmod(p, 0o755 if exe else 0o644)
-
-
 def randbytes(rng: random.Random, n: int) -> bytes:
     """``n`` random bytes (in pieces: ``Random.randbytes`` refuses 1 GiB at once)."""
     return b"".join(rng.randbytes(min(64 * MiB, n - off)) for off in range(0, n, 64 * MiB))
 
 
-def checkpoint_versions(rng: random.Random, big: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Two versions of a checkpoint folder (for :func:`write_files`): from the first to the
-    second, ``big.bin`` (``big`` bytes) is replaced whole, ``model.bin`` (6 MiB) has three
+def checkpoint_versions(rng: random.Random, big: int) -> tuple[Model, Model]:
+    """Two versions of a checkpoint folder, as models for :func:`trees.write_tree`: from the
+    first to the second, ``big.bin`` (``big`` bytes) is replaced whole, ``model.bin`` (6 MiB) has three
     edited regions (a sync patches it in place), small files change, appear and disappear,
     a link moves, an exec bit is dropped, a folder goes and an empty one comes."""
     model = bytearray(rng.randbytes(6 * MiB))
-    old: dict[str, Any] = {
-        "big.bin": randbytes(rng, big),
-        "model.bin": bytes(model),
-        "run.sh": (b"#!/bin/sh\necho v1\n", True),
-        "latest": ("->", "model.bin"),
-        "olddir/x.txt": b"only in v1",
+    old: Model = {
+        "big.bin": File(randbytes(rng, big)),
+        "model.bin": File(bytes(model)),
+        "run.sh": File(b"#!/bin/sh\necho v1\n", executable=True),
+        "latest": Link("model.bin"),
+        "olddir/x.txt": File(b"only in v1"),
     }
     for i in range(16):
-        old[f"small/f{i:02d}"] = rng.randbytes(rng.randrange(1, 60 * KiB))
+        old[f"small/f{i:02d}"] = File(rng.randbytes(rng.randrange(1, 60 * KiB)))
     for i in range(3):
-        old[f"small/gone{i}"] = rng.randbytes(2000)
+        old[f"small/gone{i}"] = File(rng.randbytes(2000))
     new = {k: v for k, v in old.items() if not k.startswith(("olddir", "small/gone"))}
-    new["big.bin"] = randbytes(rng, big)
+    new["big.bin"] = File(randbytes(rng, big))
     for off in (1 * MiB, 3 * MiB, 5 * MiB):  # three edited regions: patched in place
         model[off : off + 200 * KiB] = rng.randbytes(200 * KiB)
-    new["model.bin"] = bytes(model)
-    new["run.sh"] = b"#!/bin/sh\necho v1\n"  # exec bit dropped
-    new["latest"] = ("->", "big.bin")
-    new["newdir"] = None
+    new["model.bin"] = File(bytes(model))
+    new["run.sh"] = File(b"#!/bin/sh\necho v1\n")  # exec bit dropped
+    new["latest"] = Link("big.bin")
+    new["newdir"] = Dir()
     for i in range(0, 16, 2):
-        new[f"small/f{i:02d}"] = rng.randbytes(rng.randrange(1, 60 * KiB))
+        new[f"small/f{i:02d}"] = File(rng.randbytes(rng.randrange(1, 60 * KiB)))
     for i in range(5):
-        new[f"small/sub/new{i}"] = rng.randbytes(rng.randrange(1, 90 * KiB))
+        new[f"small/sub/new{i}"] = File(rng.randbytes(rng.randrange(1, 90 * KiB)))
     return old, new
 
 

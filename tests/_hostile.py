@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from hypothesis import HealthCheck, settings
@@ -94,3 +95,18 @@ def http_answer(status: int, body: bytes, headers: dict[str, str] | None = None)
     head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return head.encode("latin-1") + b"\r\n" + body
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    """Whether the server closes ``s`` within ``within`` seconds (whatever it sends first)."""
+    s.settimeout(0.25)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if not s.recv(1 << 16):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False

@@ -6,7 +6,6 @@ imports only pathapi and this file, not pytest and the test module.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import resource
@@ -49,14 +48,6 @@ def reset_peak(pid: int | str = "self") -> bool:
         return True
     except OSError:
         return False
-
-
-def sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_random_file(path: str, size: int, seed: int) -> None:

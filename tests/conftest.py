@@ -25,3 +25,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def close_client_sessions() -> Iterator[None]:
+    """Close the origin clients' HTTP sessions (kept open across requests, one per event
+    loop) once a module is done with them: a module that talks to origins in this process
+    uses it (``pytestmark = pytest.mark.usefixtures("close_client_sessions")``)."""
+    yield
+    from pathapi.aio import io_loop
+    from pathapi.client import close_sessions
+
+    io_loop().run(close_sessions(), timeout=10)

@@ -17,12 +17,13 @@ import os
 import pickle
 import random
 import shutil
-import stat
 import time
 import types
 from pathlib import Path as FsPath
 
+import blake3
 import pytest
+from trees import listing
 
 from pathapi import App, Flow, LightningApp, LightningFlow, LightningWork, Path, Work, WorkError
 
@@ -30,33 +31,6 @@ TEST_PID = os.getpid()
 
 
 # -- helpers (also used inside work processes) ------------------------------------------
-def digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def listing(root: str | os.PathLike[str]) -> dict[str, list[object]]:
-    """What a tree holds: rel path -> ["file", executable, digest] | ["link", target] | ["dir"].
-    ``root`` may be a file (then its one entry is named "")."""
-    root = os.fspath(root)
-    out: dict[str, list[object]] = {}
-
-    def visit(path: str, rel: str) -> None:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            out[rel] = ["link", os.readlink(path)]
-        elif stat.S_ISDIR(st.st_mode):
-            if rel:
-                out[rel] = ["dir"]
-            for name in sorted(os.listdir(path)):
-                visit(os.path.join(path, name), f"{rel}/{name}" if rel else name)
-        else:
-            with open(path, "rb") as f:
-                out[rel] = ["file", bool(st.st_mode & stat.S_IXUSR), digest(f.read())]
-
-    visit(root, "")
-    return out
-
-
 def versioned(version: int, size: int) -> bytes:
     """Checkpoint bytes that verify themselves: a 32-byte hash of the rest, then the rest
     (the version number and bytes that differ per version)."""
@@ -323,8 +297,8 @@ def test_paths_among_run_args_are_transferred_before_run_also_in_lists_tuples_an
 
 def test_automatic_transfer_overwrites_local_files(args_app):
     received = args_app.receiver.received
-    assert received["single"][""][2] == digest(b"origin single")
-    assert received["folder"]["sub/x.txt"][2] == digest(b"origin x")
+    assert received["single"][""][2] == blake3.blake3(b"origin single").hexdigest()
+    assert received["folder"]["sub/x.txt"][2] == blake3.blake3(b"origin x").hexdigest()
 
 
 def test_paths_that_do_not_exist_at_the_origin_pass_through_untouched(args_app):
@@ -475,10 +449,10 @@ def test_get_makes_the_local_tree_equal_to_the_origins_with_exec_bits_and_symlin
     got = get_app.consumer.first_get["listing"]
     assert got == get_app.first_listing
     assert got["bin/tool.sh"][1] is True and got["a.txt"][1] is False
-    assert got["link"] == ["link", "a.txt"]
-    assert got["bin/big_link"] == ["link", "../big.bin"]
-    assert got["dir_link"] == ["link", "bin"]
-    assert got["empty/deeper"] == ["dir"]
+    assert got["link"] == ("link", "a.txt")
+    assert got["bin/big_link"] == ("link", "../big.bin")
+    assert got["dir_link"] == ("link", "bin")
+    assert got["empty/deeper"] == ("dir",)
 
 
 def test_get_without_overwrite_raises_file_exists_when_the_path_exists_locally(get_app):
@@ -498,7 +472,7 @@ def test_get_overwrite_restores_changed_files_and_removes_local_only_files(get_a
 
 def test_get_of_a_derived_path_fetches_that_file_alone(get_app):
     tool = get_app.first_listing["bin/tool.sh"]
-    assert get_app.consumer.single_file == {"bin": ["dir"], "bin/tool.sh": tool}
+    assert get_app.consumer.single_file == {"bin": ("dir",), "bin/tool.sh": tool}
 
 
 def test_get_and_exists_raise_runtime_error_in_a_flow(get_app):
@@ -929,7 +903,7 @@ def test_after_the_origin_stopped_get_and_exists_remote_use_the_persisted_files(
     assert flow.reader.exists_remote is True
     assert flow.reader.manual == flow.keeper.listing
     assert flow.reader.manual["sub/run.sh"][1] is True
-    assert flow.reader.manual["sub/model_link"] == ["link", "../model.ckpt"]
+    assert flow.reader.manual["sub/model_link"] == ("link", "../model.ckpt")
     assert flow.reader.regot["bytes_transferred"] == 0
 
 

@@ -8,10 +8,8 @@ machines would: what one persisted, the other gets after its origin stopped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path as FsPath
@@ -19,31 +17,13 @@ from typing import Any
 
 import pytest
 from s3server import SeaweedServer
+from trees import listing
 
 from pathapi import App, Flow, Path, Work
 from pathapi.artifacts import ArtifactStore
 
 BUCKET = "pathapi-test"
 MiB = 1 << 20
-
-
-def listing(root: str | os.PathLike[str]) -> dict[str, list[object]]:
-    """rel path -> ["file", executable, digest] | ["link", target] | ["dir"]."""
-    root = os.fspath(root)
-    out: dict[str, list[object]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ["link", os.readlink(path)]
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ["dir"]
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ["file", bool(st.st_mode & stat.S_IXUSR), hashlib.sha256(f.read()).hexdigest()]
-    return out
 
 
 def transfer(p: Path) -> dict[str, object]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from trees import File, write_tree
 
 from cas import Manifest
 from cas.chunking import iter_chunk_spans
@@ -27,12 +28,14 @@ from cas.hashing import chunk_id
 from cas.workspace import Workspace
 from pathapi.aio import io_loop
 from pathapi.chunkcache import ENTRY_OVERHEAD, Frame, FrameCache
-from pathapi.client import OriginClient, OriginSource, close_sessions
+from pathapi.client import OriginClient, OriginSource
 from pathapi.errors import StaleManifestError
 from pathapi.origin import OriginService
 
 MiB = 1 << 20
 NAME = "root.source"
+
+pytestmark = pytest.mark.usefixtures("close_client_sessions")
 
 
 # -- the cache alone ---------------------------------------------------------------------------
@@ -103,12 +106,6 @@ def test_a_load_that_raises_reaches_every_waiter_and_is_retried_later() -> None:
 
 
 # -- the origin with the cache, over HTTP ------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _close_client_sessions() -> Iterator[None]:
-    yield
-    io_loop().run(close_sessions(), timeout=10)
-
-
 class Served:
     def __init__(self, tmp: Path, cache_bytes: int) -> None:
         self.root = tmp / "works" / NAME
@@ -147,11 +144,10 @@ def served(tmp_path: Path) -> Iterator[Served]:
         s.close()
 
 
-def write_tree(root: Path, size: int) -> bytes:
+def write_checkpoint(root: Path, size: int) -> bytes:
+    """``root/ckpt`` of two files holding ``size`` random bytes in all; those bytes."""
     data = os.urandom(size)
-    (root / "ckpt").mkdir()
-    (root / "ckpt" / "weights.bin").write_bytes(data[: size // 2])
-    (root / "ckpt" / "optim.bin").write_bytes(data[size // 2 :])
+    write_tree(root / "ckpt", {"weights.bin": File(data[: size // 2]), "optim.bin": File(data[size // 2 :])})
     return data
 
 
@@ -160,7 +156,7 @@ def fetch_all(client: OriginClient, m: Manifest) -> dict[bytes, bytes]:
 
 
 def test_eight_consumers_at_once_make_the_origin_read_each_chunk_once(served: Served) -> None:
-    write_tree(served.root, 24 * MiB)
+    write_checkpoint(served.root, 24 * MiB)
     m = served.client().manifest("ckpt")
     assert m is not None and len(m.chunk_ids()) > 20
     got: list[dict[bytes, bytes]] = []
@@ -186,7 +182,7 @@ def _consumer_process(url: str, secret: str, manifest: bytes, out: mp.Queue) -> 
 
 
 def test_consumer_processes_at_once_read_each_chunk_once(served: Served) -> None:
-    write_tree(served.root, 16 * MiB)
+    write_checkpoint(served.root, 16 * MiB)
     m = served.client().manifest("ckpt")
     assert m is not None
     ctx = mp.get_context("spawn")
@@ -204,7 +200,7 @@ def test_consumer_processes_at_once_read_each_chunk_once(served: Served) -> None
 def test_the_cache_stays_within_its_bound_while_serving_more_than_it_holds(tmp_path: Path) -> None:
     s = Served(tmp_path, 2 * MiB)
     try:
-        write_tree(s.root, 12 * MiB)
+        write_checkpoint(s.root, 12 * MiB)
         m = s.client().manifest("ckpt")
         assert m is not None
         fetch_all(s.client(), m)
@@ -218,7 +214,7 @@ def test_the_cache_stays_within_its_bound_while_serving_more_than_it_holds(tmp_p
 
 
 def test_a_changed_file_still_answers_stale_for_chunks_it_must_read(served: Served) -> None:
-    write_tree(served.root, 8 * MiB)
+    write_checkpoint(served.root, 8 * MiB)
     client = served.client()
     m = client.manifest("ckpt")
     assert m is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trees import File, Model, write_tree
 
 from cas.errors import GcError, StoreBusyError
 from cas.gc import GcReport
@@ -80,10 +82,9 @@ class Child:
         self.proc.wait(60)
 
 
-def write_tree(root: Path, rng: random.Random, files: int = 4) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for k in range(files):
-        (root / f"f{k}.bin").write_bytes(rng.randbytes(rng.choice([0, 10, 50_000, 400_000])))
+def random_files(rng: random.Random, files: int = 4) -> Model:
+    """A folder of ``files`` files of random sizes (empty to 400 kB) and bytes."""
+    return {f"f{k}.bin": File(rng.randbytes(rng.choice([0, 10, 50_000, 400_000]))) for k in range(files)}
 
 
 def all_readable(store: ArtifactStore, m: Manifest) -> bool:
@@ -108,7 +109,7 @@ def test_gc_deletes_exactly_the_chunks_no_manifest_names(tmp_path_factory: pytes
     kept: dict[str, Manifest] = {}
     with Workspace(base / "ws") as ws:
         for i, seed in enumerate(trees):
-            write_tree(base / f"t{i}", random.Random(seed))
+            write_tree(base / f"t{i}", random_files(random.Random(seed)))
             m = store.persist("w", f"t{i}", str(base / f"t{i}"), ws, version=Version(1, 1, Version.ENDED))
             assert m is not None
             kept[f"w/t{i}"] = m
@@ -143,7 +144,7 @@ def test_gc_dry_run_deletes_nothing(tmp_path: Path) -> None:
 
 def test_an_unreadable_ref_aborts_gc_before_anything_is_deleted(tmp_path: Path) -> None:
     store = ArtifactStore.open(None, tmp_path)
-    write_tree(tmp_path / "t", random.Random(1))
+    write_tree(tmp_path / "t", random_files(random.Random(1)))
     with Workspace(tmp_path / "ws") as ws:
         store.persist("w", "t", str(tmp_path / "t"), ws, version=Version(1, 1, Version.ENDED))
     store.chunks.put_many([(chunk_id(b"orphan"), b"orphan")])
@@ -190,7 +191,7 @@ def test_a_lease_whose_process_was_killed_does_not_block_gc(tmp_path: Path) -> N
 
 def test_persist_waits_while_a_gc_holds_the_exclusive_lease(tmp_path: Path) -> None:
     store = ArtifactStore.open(None, tmp_path)
-    write_tree(tmp_path / "t", random.Random(2))
+    write_tree(tmp_path / "t", random_files(random.Random(2)))
     child = Child("lease", str(tmp_path / "artifacts" / "leases"), "exclusive")
     child.wait_for("held")
     done = threading.Event()
@@ -419,9 +420,10 @@ def test_pathapi_gc_command_reclaims_old_versions_and_keeps_the_current_one(tmp_
     store = ArtifactStore.open(None, app)
     tree = tmp_path / "tree"
     with Workspace(tmp_path / "ws") as ws:
-        write_tree(tree, random.Random(10))
+        write_tree(tree, random_files(random.Random(10)))
         old = store.persist("w", "ckpt", str(tree), ws, version=Version(1, 1, Version.ENDED))
-        write_tree(tree, random.Random(11))
+        shutil.rmtree(tree)
+        write_tree(tree, random_files(random.Random(11)))
         new = store.persist("w", "ckpt", str(tree), ws, version=Version(1, 1, Version.ENDED))
     assert old is not None and new is not None
     store.close()

@@ -66,9 +66,8 @@ from _faultkit import (
     checkpoint_versions,
     consumer_job,
     state_leftovers,
-    tree_state,
-    write_files,
 )
+from trees import File, listing, write_tree
 
 from cas import LocalChunkStore, MaterializeError, SeedSource
 from cas.plan import Action, plan_update
@@ -106,8 +105,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("killc")
     old, new = checkpoint_versions(random.Random(11), BIG)
     root = base / "origin" / "works" / SOURCE
-    write_files(root / REL, new)
-    write_files(base / "v1", old)
+    write_tree(root / REL, new)
+    write_tree(base / "v1", old)
     with Workspace(base / "scratch-state") as ws:
         m1, m2 = ws.snapshot(base / "v1"), ws.snapshot(root / REL)
     held = m1.chunk_ids()
@@ -120,7 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     resumer = GetChild(base / "children")
     a.url, b.url  # noqa: B018 - both have started
     try:
-        yield Env(base, base / "v1", tree_state(base / "v1"), tree_state(root / REL), needed, a, b, pool, resumer)
+        yield Env(base, base / "v1", listing(base / "v1"), listing(root / REL), needed, a, b, pool, resumer)
     finally:
         resumer.close()
         pool.close()
@@ -154,7 +153,7 @@ def _journal(state: Path) -> list[Any] | None:
 
 def check_after_kill(env: Env, dest: Path, state: Path) -> bool:
     """The tree the killed get left: never torn. Returns whether a journal is committed."""
-    now = tree_state(dest)
+    now = listing(dest)
     ops = _journal(state)
     if ops is None:
         assert now in (env.v1_state, env.v2_state), "no journal committed, yet the tree is neither version"
@@ -217,7 +216,7 @@ def trial(env: Env, fault: str, *, kill_after: float | None = None, kill_after_s
     torn = 0
     try:
         assert second.code == 0 and len(second.records) == 1, (second.errors, second.stderr[-2000:])
-        now = tree_state(dest)
+        now = listing(dest)
         torn = int(now != env.v2_state)
         assert now == env.v2_state, "the get after the kill did not produce version 2 exactly"
         assert state_leftovers(state) == [], "the consumer's state folder kept a transaction or staging"
@@ -354,7 +353,7 @@ def free_bytes(path: Path) -> int:
 def test_a_full_disk_fails_the_get_clearly_and_keeps_the_previous_tree(env: Env, small_disk: Path) -> None:
     rng = random.Random(3)
     root = env.base / "disk-origin" / "works" / SOURCE
-    write_files(root / "data", {"a.bin": rng.randbytes(4 * MiB), "b.bin": rng.randbytes(2 * MiB), "c.txt": b"v1"})
+    write_tree(root / "data", {"a.bin": File(rng.randbytes(4 * MiB)), "b.bin": File(rng.randbytes(2 * MiB)), "c.txt": File(b"v1")})
     origin = OriginProc(env.base / "disk-origin-proc", root)
     dest = small_disk / "works" / CONSUMER / "data"
     state = small_disk / "state" / CONSUMER
@@ -365,8 +364,8 @@ def test_a_full_disk_fails_the_get_clearly_and_keeps_the_previous_tree(env: Env,
 
     try:
         assert get().records
-        v1 = tree_state(dest)
-        assert v1 == tree_state(root / "data")
+        v1 = listing(dest)
+        assert v1 == listing(root / "data")
         free = free_bytes(small_disk)
         (root / "data" / "a.bin").write_bytes(rng.randbytes(12 * MiB))  # old and new do not fit side by side
         (root / "data" / "c.txt").write_bytes(b"v2")
@@ -378,7 +377,7 @@ def test_a_full_disk_fails_the_get_clearly_and_keeps_the_previous_tree(env: Env,
             assert err["type"] == "MaterializeError" and "OSError" in err["mro"] and err["errno"] == errno.ENOSPC, err
             assert str(dest) in err["message"] and "No space left on device" in err["message"], err
             assert f"nothing at {dest} was changed" in err["message"], err
-            assert tree_state(dest) == v1
+            assert listing(dest) == v1
             assert not (state / "txn").exists()
             assert free_bytes(small_disk) >= free - 256 * KiB, "the failed get left its staging on the full disk"
 
@@ -387,7 +386,7 @@ def test_a_full_disk_fails_the_get_clearly_and_keeps_the_previous_tree(env: Env,
 
         def check_fits() -> None:
             assert get().records
-            assert tree_state(dest) == tree_state(root / "data")
+            assert listing(dest) == listing(root / "data")
             assert state_leftovers(state) == []
 
         TALLY.check("consumer disk full (ENOSPC)", check_fits)
@@ -402,7 +401,7 @@ def test_a_disk_that_fills_up_as_the_sync_ends_never_fails_a_finished_get(small_
     stat cache written after them is only an accelerator)."""
     rng = random.Random(4)
     src = tmp_path / "src"
-    write_files(src, {f"f{i:02d}": rng.randbytes(100_000) for i in range(40)})
+    write_tree(src, {f"f{i:02d}": File(rng.randbytes(100_000)) for i in range(40)})
     with Workspace(tmp_path / "ostate") as ows, LocalChunkStore(tmp_path / "store") as store:
         m = ows.snapshot(src)
         store.put_many(SeedSource(m, src).get_many(sorted(m.chunk_ids())))
@@ -427,8 +426,8 @@ def test_a_disk_that_fills_up_as_the_sync_ends_never_fails_a_finished_get(small_
                 got = f"{type(e).__module__}.{type(e).__name__}: {e}"
             finally:
                 ws.close()
-            now = tree_state(small_disk / "dest")
-            ok = (got == "synced" and now == tree_state(src)) or (got == f"MaterializeError errno {errno.ENOSPC}" and now is None)
+            now = listing(small_disk / "dest")
+            ok = (got == "synced" and now == listing(src)) or (got == f"MaterializeError errno {errno.ENOSPC}" and now is None)
             TALLY.case("consumer disk fills up as the sync ends", passed=ok)
             outcomes[got] = outcomes.get(got, 0) + 1
             assert ok, f"with {slack} bytes to spare: {got}; tree: {sorted(now or {})}"

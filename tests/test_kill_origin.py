@@ -36,11 +36,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _faultkit import (
-    CONSUMER, SOAK, SOURCE, GetChild, GetResult, MiB, OriginProc, Pool, Tally, checkpoint_versions, consumer_job,
-    state_leftovers, tree_state, write_files,
+    CONSUMER,
+    SOAK,
+    SOURCE,
+    GetChild,
+    GetResult,
+    MiB,
+    OriginProc,
+    Pool,
+    Tally,
+    checkpoint_versions,
+    consumer_job,
+    state_leftovers,
 )
+from trees import listing, write_tree
+
 from cas.workspace import Workspace
 
 BIG = (256 if SOAK else 20) * MiB
@@ -91,15 +102,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("killo")
     old, new = checkpoint_versions(random.Random(5), BIG)
     root = base / "origin" / "works" / SOURCE
-    write_files(root / REL, new)
-    write_files(base / "v1", old)
+    write_tree(root / REL, new)
+    write_tree(base / "v1", old)
     with Workspace(base / "scratch-state") as ws:
         m1, m2 = ws.snapshot(base / "v1"), ws.snapshot(root / REL)
     held = m1.chunk_ids()
     needed = {cid.hex(): n for cid, n in m2.chunk_sizes().items() if cid not in held}
     pool = Pool(base / "children", size=1)
     resumer = GetChild(base / "children")
-    e = Env(base, root, base / "v1", tree_state(base / "v1"), tree_state(root / REL), needed, pool, resumer)
+    e = Env(base, root, base / "v1", listing(base / "v1"), listing(root / REL), needed, pool, resumer)
     try:
         e.origin().url  # noqa: B018 - started
         yield e
@@ -154,7 +165,7 @@ def trial(env: Env, fault: str, *, kill_after: float | None = None, kill_at_byte
     lost = torn = 0
     try:
         assert first.code == 0 and len(first.records) + len(first.errors) == 1, first.stderr[-3000:]
-        now = tree_state(dest)
+        now = listing(dest)
         if first.errors:
             torn = int(now != env.v1_state)
             assert now == env.v1_state, "the origin died mid-get and the consumer's tree is not the old one"
@@ -170,7 +181,7 @@ def trial(env: Env, fault: str, *, kill_after: float | None = None, kill_at_byte
         requested = [cid for batch in fresh.served() for cid in batch["ids"]]
         lost = sum(env.needed.get(cid, 0) for cid in set(requested) & first.written)
         assert second.records and not second.errors, (second.errors, second.stderr[-2000:])
-        assert tree_state(dest) == env.v2_state
+        assert listing(dest) == env.v2_state
         assert state_leftovers(state) == []
         assert set(requested) <= set(env.needed) and len(requested) == len(set(requested))
         assert not set(requested) & first.written, f"{lost} bytes that had arrived were fetched again"
@@ -194,7 +205,7 @@ def duration(env: Env) -> float:
         shutil.copytree(env.v1, c / "works" / CONSUMER / REL, symlinks=True)
         env.resumer.go(consumer_job(c, env.origin().url, env.origin().secret, REL, timeout=TIMEOUT))
         r = env.resumer.finish()
-        assert r.records and tree_state(c / "works" / CONSUMER / REL) == env.v2_state, r.errors
+        assert r.records and listing(c / "works" / CONSUMER / REL) == env.v2_state, r.errors
         times.append(r.last_chunk_at)
         env.origin().served()
     return max(times)

@@ -38,7 +38,6 @@ it to the file named by ``PATHAPI_LOAD_REPORT`` if set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -50,7 +49,8 @@ from pathlib import Path as FsPath
 from typing import Any
 
 import pytest
-from _load_works import Consumer, KiB, MiB, Origin, proc_kib, reset_peak, sha256
+from _load_works import Consumer, KiB, MiB, Origin, proc_kib, reset_peak
+from trees import listing, sha
 
 from pathapi import App, Flow
 
@@ -96,26 +96,6 @@ VERSIONS_PER_FILE = 2 * KiB
 
 
 # -- helpers -------------------------------------------------------------------------------
-def listing(root: str | os.PathLike[str]) -> dict[str, tuple[Any, ...]]:
-    """rel path -> ("file", executable, sha256) | ("link", target) | ("dir",)."""
-    root = os.fspath(root)
-    out: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(full))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir",)
-            else:
-                with open(full, "rb") as f:
-                    out[rel] = ("file", bool(st.st_mode & stat.S_IXUSR), hashlib.sha256(f.read()).hexdigest())
-    return out
-
-
 def differences(want: dict[str, Any], got: dict[str, Any], limit: int = 5) -> list[str]:
     out = [f"missing {k}" for k in sorted(want.keys() - got.keys())[:limit]]
     out += [f"extra {k}" for k in sorted(got.keys() - want.keys())[:limit]]
@@ -240,7 +220,7 @@ def run_same_file(app_root: FsPath, consumers: int, size: int) -> tuple[SameFile
     barrier.mkdir()
     flow = SameFile(consumers, size, str(barrier))
     App(flow, root=app_root, start_timeout=600).run()
-    return flow, sha256(app_root / "works" / ORIGIN / "shared")
+    return flow, sha(app_root / "works" / ORIGIN / "shared")
 
 
 def check_same_file(flow: SameFile, app_root: FsPath, want: str, size: int, what: str, origin_budget: int) -> None:
@@ -250,7 +230,7 @@ def check_same_file(flow: SameFile, app_root: FsPath, want: str, size: int, what
     assert all(reports), "a consumer did not report"
     for c in flow.consumers:
         got = app_root / "works" / str(c.name) / "shared"
-        assert sha256(got) == want, f"{c.name} holds other bytes than the origin"
+        assert sha(got) == want, f"{c.name} holds other bytes than the origin"
         assert not os.stat(got).st_mode & stat.S_IXUSR
         r = c.report["record"]
         assert r["source"] == "origin" and r["files"] == 1 and r["bytes_total"] == size, r

@@ -32,20 +32,35 @@ from cas.errors import ChunkNotFoundError
 from cas.hashing import ID_SIZE, chunk_id
 from cas.workspace import Workspace
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource, close_sessions
+from pathapi.client import OriginClient, OriginSource
 from pathapi.errors import (
-    AuthenticationError, OriginError, OriginUnreachableError, PathapiError, StaleManifestError,
+    AuthenticationError,
+    OriginError,
+    OriginUnreachableError,
+    PathapiError,
+    StaleManifestError,
 )
 from pathapi.origin import OriginService, PathOutsideRootError, resolve_under
 from pathapi.protocol import (
-    DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, MAX_DELTA_IDS,
-    STATUS_DELTA, STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
+    DELTA_HEAD,
+    DELTA_ITEM,
+    FRAME,
+    HEADER_MANIFEST_ID,
+    HEADER_PROTOCOL,
+    MAX_BATCH_IDS,
+    MAX_DELTA_IDS,
+    STATUS_DELTA,
+    STATUS_OK,
+    STATUS_STALE,
+    STATUS_UNKNOWN,
 )
 
 KiB = 1024
 MiB = 1024 * KiB
 NAME = "root.source"
 OUTSIDE_SECRET = b"TOP-SECRET-OUTSIDE-THE-ROOT"
+
+pytestmark = pytest.mark.usefixtures("close_client_sessions")
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -116,12 +131,6 @@ def write(path: Path, data: bytes) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_client_sessions() -> Iterator[None]:
-    yield
-    io_loop().run(close_sessions(), timeout=10)
 
 
 @pytest.fixture

@@ -50,9 +50,8 @@ from _faultkit import (
     consumer_job,
     run_get,
     state_leftovers,
-    tree_state,
-    write_files,
 )
+from trees import File, Model, listing, write_tree
 
 TALLY = Tally("test_origin_files")
 OUTSIDE_SECRET = b"OUTSIDE-THE-ROOT-" * 4096
@@ -71,15 +70,15 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     p.close()
 
 
-def _files(seed: int) -> dict[str, Any]:
+def _files(seed: int) -> Model:
     import random
 
     rng = random.Random(seed)
     return {
-        "ckpt/a.bin": rng.randbytes(3 * MiB),
-        "ckpt/sub/b.bin": rng.randbytes(MiB),
-        "ckpt/sub/c.txt": b"c" * (seed + 10),
-        "ckpt/run.sh": (b"#!/bin/sh\n", True),
+        "ckpt/a.bin": File(rng.randbytes(3 * MiB)),
+        "ckpt/sub/b.bin": File(rng.randbytes(MiB)),
+        "ckpt/sub/c.txt": File(b"c" * (seed + 10)),
+        "ckpt/run.sh": File(b"#!/bin/sh\n", executable=True),
     }
 
 
@@ -115,12 +114,12 @@ class Site:
 @pytest.fixture
 def site(tmp_path: Path, pool: Pool) -> Iterator[Site]:
     root = tmp_path / "origin" / "works" / SOURCE
-    write_files(root, _files(2))
+    write_tree(root, _files(2))
     outside = tmp_path / "outside"
-    write_files(outside, _files(2))  # identical copies: a hash check alone would accept them
+    write_tree(outside, _files(2))  # identical copies: a hash check alone would accept them
     (outside / "secret.bin").write_bytes(OUTSIDE_SECRET)
     consumer = tmp_path / "consumer"
-    write_files(consumer / "works" / CONSUMER, _files(1))  # the consumer holds an older copy
+    write_tree(consumer / "works" / CONSUMER, _files(1))  # the consumer holds an older copy
     s = Site(tmp_path, root, outside, consumer, pool, [])
     try:
         yield s
@@ -132,7 +131,7 @@ def site(tmp_path: Path, pool: Pool) -> Iterator[Site]:
 
 
 def assert_unchanged(site: Site, before: dict[str, Any] | None) -> None:
-    assert tree_state(site.dest) == before, "the consumer's files changed although the get failed"
+    assert listing(site.dest) == before, "the consumer's files changed although the get failed"
     assert not (site.state / "txn").exists()
 
 
@@ -160,7 +159,7 @@ def _unreadable_origin(site: Site, **options: Any) -> OriginProc:
 def test_an_unreadable_file_fails_the_get_naming_it_and_changes_nothing(site: Site, rel: str) -> None:
     os.chmod(site.root / "ckpt" / "sub" / "b.bin", 0)
     origin = _unreadable_origin(site)
-    before = tree_state(site.dest)
+    before = listing(site.dest)
 
     def check() -> None:
         err = the_error(site.get(origin, rel))
@@ -174,7 +173,7 @@ def test_an_unreadable_file_fails_the_get_naming_it_and_changes_nothing(site: Si
 
 def test_a_file_made_unreadable_after_the_snapshot_fails_the_get_and_changes_nothing(site: Site) -> None:
     origin = _unreadable_origin(site, on_first_read={"action": "chmod_000", "path": "ckpt/a.bin"})
-    before = tree_state(site.dest)
+    before = listing(site.dest)
 
     def check() -> None:
         err = the_error(site.get(origin))
@@ -191,8 +190,8 @@ def test_a_file_deleted_after_the_snapshot_gives_the_folder_as_it_now_is(site: S
     def check() -> None:
         r = site.get(origin)
         assert r.records, r.errors
-        now = tree_state(site.dest)
-        assert now == tree_state(site.root / "ckpt") and "a.bin" not in now  # a state it really had
+        now = listing(site.dest)
+        assert now == listing(site.root / "ckpt") and "a.bin" not in now  # a state it really had
         assert state_leftovers(site.state) == []
 
     TALLY.check("origin file deleted between snapshot and serve", check)
@@ -200,7 +199,7 @@ def test_a_file_deleted_after_the_snapshot_gives_the_folder_as_it_now_is(site: S
 
 def test_a_file_path_deleted_after_the_snapshot_raises_file_not_found(site: Site) -> None:
     origin = site.origin(on_first_read={"action": "delete", "path": "ckpt/a.bin"})
-    before = tree_state(site.dest)
+    before = listing(site.dest)
 
     def check() -> None:
         err = the_error(site.get(origin, "ckpt/a.bin"))
@@ -225,7 +224,7 @@ def test_a_file_replaced_by_a_link_out_of_the_root_is_refused(site: Site) -> Non
     target.unlink()
     target.symlink_to(site.outside / "secret.bin")
     origin = site.origin()
-    before = tree_state(site.dest)
+    before = listing(site.dest)
     TALLY.check("origin path is a symlink out of its root", lambda: _refused(site, site.get(origin), before))
 
 
@@ -233,7 +232,7 @@ def test_the_path_itself_replaced_by_a_link_out_of_the_root_is_refused(site: Sit
     (site.root / "ckpt").rename(site.root / "ckpt.old")
     (site.root / "ckpt").symlink_to(site.outside / "ckpt")
     origin = site.origin()
-    before = tree_state(site.dest)
+    before = listing(site.dest)
     TALLY.check("origin path is a symlink out of its root", lambda: _refused(site, site.get(origin), before))
 
 
@@ -247,7 +246,7 @@ def test_a_link_out_of_the_root_swapped_in_after_the_snapshot_is_never_followed(
     else:
         change = {"action": "swap_dir_outside", "path": "ckpt/sub", "target": str(site.outside / "ckpt/sub")}
     origin = site.origin(on_first_read=change)
-    before = tree_state(site.dest)
+    before = listing(site.dest)
     TALLY.check("origin path replaced by a symlink out of its root between snapshot and serve",
             lambda: _refused(site, site.get(origin), before))
 
@@ -260,7 +259,7 @@ def test_an_origin_slower_than_the_timeout_in_total_but_not_per_answer_still_ser
     def check() -> None:
         r = site.get(origin, timeout=1.5)
         assert r.records, r.errors
-        assert tree_state(site.dest) == tree_state(site.root / "ckpt")
+        assert listing(site.dest) == listing(site.root / "ckpt")
 
     TALLY.check("slow origin (delay below the timeout)", check)
 
@@ -269,7 +268,7 @@ def test_an_origin_slower_than_the_timeout_in_total_but_not_per_answer_still_ser
 def test_an_origin_slower_than_the_timeout_fails_the_get_within_it(site: Site, where: str) -> None:
     timeout = 1.0
     origin = site.origin(**({"manifest_delay": 60} if where == "manifest" else {"delay": 60}))
-    before = tree_state(site.dest)
+    before = listing(site.dest)
 
     def check() -> None:
         err = the_error(site.get(origin, timeout=timeout))
@@ -284,9 +283,9 @@ def test_an_origin_slower_than_the_timeout_fails_the_get_within_it(site: Site, w
 
 def test_an_origin_that_stops_answering_mid_transfer_fails_the_get_within_the_timeout(site: Site) -> None:
     timeout = 1.5
-    write_files(site.root, {"ckpt/big.bin": os.urandom(24 * MiB)})  # several chunk batches
+    write_tree(site.root, {"ckpt/big.bin": File(os.urandom(24 * MiB))})  # several chunk batches
     origin = site.origin(delay=0.3)
-    before = tree_state(site.dest)
+    before = listing(site.dest)
     child = site.pool.take()
     try:
         child.go(consumer_job(site.consumer, origin.url, origin.secret, "ckpt", timeout=timeout))
@@ -378,7 +377,7 @@ def test_an_origin_that_trickles_its_answer_fails_the_get_within_the_timeout(sit
     timeout = 1.0
     origin = site.origin()
     relay = Trickle(origin.url)
-    before = tree_state(site.dest)
+    before = listing(site.dest)
     try:
         r = run_get(site.pool, consumer_job(site.consumer, relay.url, origin.secret, "ckpt", timeout=timeout),
                     timeout=300)

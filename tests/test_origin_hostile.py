@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _hostile import fuzz
+from _hostile import closed_by_server, fuzz
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,7 +41,7 @@ from cas.hashing import ID_SIZE
 from cas.workspace import Workspace
 from pathapi import App, Flow, Work
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource, close_sessions
+from pathapi.client import OriginClient, OriginSource
 from pathapi.errors import AuthenticationError, OriginError, PathapiError
 from pathapi.origin import OriginService
 from pathapi.protocol import (
@@ -61,6 +61,8 @@ MiB = 1024 * KiB
 NAME = "root.source"
 OUTSIDE_NAME = "only_outside_target.txt"
 OUTSIDE_BYTES = os.urandom(64) * 2000  # 128 KiB no file inside the root holds
+
+pytestmark = pytest.mark.usefixtures("close_client_sessions")
 
 
 # -- a served root with an outside next to it --------------------------------------------------
@@ -164,12 +166,6 @@ def serving(top: Path, **limits: Any) -> Iterator[Rig]:
     finally:
         io_loop().run(service.stop(), timeout=90)
         workspace.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_client_sessions() -> Iterator[None]:
-    yield
-    io_loop().run(close_sessions(), timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -477,21 +473,6 @@ def _drip(socks: list[socket.socket], data: bytes, every: float, stop: threading
             return
 
 
-def _closed_by_server(s: socket.socket, within: float) -> bool:
-    """Whether the server closes ``s`` within ``within`` seconds (reading whatever it sends)."""
-    s.settimeout(0.5)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if not s.recv(1 << 16):
-                return True
-        except TimeoutError:
-            continue
-        except OSError:
-            return True
-    return False
-
-
 @pytest.mark.slow
 def test_slow_loris_clients_are_cut_off_and_others_are_served_meanwhile(fresh: Callable[..., Rig]) -> None:
     r = fresh(idle_timeout=2.0, io_timeout=2.0)
@@ -528,9 +509,9 @@ def test_slow_loris_clients_are_cut_off_and_others_are_served_meanwhile(fresh: C
         dripper.join(60)
         assert len(cut) == len(dripping), f"{len(dripping) - len(cut)} header-trickling connections were never cut"
         for s in stalled:
-            assert _closed_by_server(s, 30), "a connection whose body never came was never cut"
+            assert closed_by_server(s, 30), "a connection whose body never came was never cut"
         for s in deaf:
-            assert _closed_by_server(s, 30), "a client that never reads its answer was never cut"
+            assert closed_by_server(s, 30), "a client that never reads its answer was never cut"
         r.still_serves()
     finally:
         stop.set()
@@ -561,7 +542,7 @@ def test_connections_beyond_the_cap_take_the_slot_of_an_idle_one_and_idle_ones_e
         idle[0].settimeout(10)
         status, body = parse_answer(read_until_closed(idle[0]))
         assert status == 503 and b"slot" in body, body
-        assert all(_closed_by_server(s, 30) for s in idle)
+        assert all(closed_by_server(s, 30) for s in idle)
         assert r.service.slots.expired >= 1
         r.still_serves()
     finally:

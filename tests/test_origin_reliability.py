@@ -30,12 +30,13 @@ from pathlib import Path as FsPath
 from typing import Any
 
 import pytest
+from _hostile import closed_by_server
 
 from cas import Manifest
 from cas.workspace import Workspace
 from pathapi import App, Flow, Path, Work
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource, close_sessions
+from pathapi.client import OriginClient, OriginSource
 from pathapi.errors import OriginError, OriginUnreachableError
 from pathapi.origin import OriginService
 from pathapi.protocol import HEADER_PROTOCOL
@@ -43,6 +44,8 @@ from pathapi.protocol import HEADER_PROTOCOL
 KiB = 1024
 NAME = "root.source"
 DEPTH = 1100  # deeper than Python's recursion limit (1000); 2.2 KiB of path, under PATH_MAX
+
+pytestmark = pytest.mark.usefixtures("close_client_sessions")
 
 
 # -- a served root ----------------------------------------------------------------------------
@@ -97,21 +100,6 @@ def read_answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
-def closed_by_server(s: socket.socket, within: float) -> bool:
-    """Whether the server closes ``s`` within ``within`` seconds (whatever it sends first)."""
-    s.settimeout(0.25)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if not s.recv(1 << 16):
-                return True
-        except TimeoutError:
-            continue
-        except OSError:
-            return True
-    return False
-
-
 @contextmanager
 def serving(top: FsPath, **options: Any) -> Iterator[Served]:
     root = top / "root"
@@ -127,12 +115,6 @@ def serving(top: FsPath, **options: Any) -> Iterator[Served]:
     finally:
         io_loop().run(service.stop(), timeout=90)
         workspace.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_client_sessions() -> Iterator[None]:
-    yield
-    io_loop().run(close_sessions(), timeout=10)
 
 
 @pytest.fixture

@@ -14,19 +14,18 @@ back (same folder and ports) and checks what is in the bucket:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path as FsPath
 from typing import Any
 
 import pytest
-from s3server import SeaweedServer
+from s3server import SeaweedServer, aws_env
+from trees import File, Model, listing, write_tree
 
 from cas import Manifest
 from cas.errors import StoreError
@@ -45,20 +44,6 @@ MiB = 1 << 20
 FAST_FAIL = {"AWS_MAX_ATTEMPTS": "2"}
 
 
-@contextmanager
-def aws_env(env: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture
 def server(tmp_path: FsPath) -> Iterator[SeaweedServer]:
     """A server of this test's own: the test kills it."""
@@ -68,27 +53,11 @@ def server(tmp_path: FsPath) -> Iterator[SeaweedServer]:
     s.close()
 
 
-def write_tree(root: FsPath, sizes: list[int], seed: int) -> None:
-    root.mkdir(parents=True, exist_ok=True)
+def parts(sizes: list[int], seed: int) -> Model:
+    """A checkpoint folder: one file of random bytes per size, and a small text file."""
     rng = random.Random(seed)
-    for i, size in enumerate(sizes):
-        with open(root / f"part-{i:02d}.bin", "wb") as f:
-            left = size
-            while left:
-                n = min(left, 4 * MiB)
-                f.write(rng.randbytes(n))
-                left -= n
-    (root / "meta.txt").write_text(f"seed {seed}\n")
-
-
-def digest(root: FsPath) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    model = {f"part-{i:02d}.bin": File(rng.randbytes(size)) for i, size in enumerate(sizes)}
+    return {**model, "meta.txt": File(f"seed {seed}\n".encode())}
 
 
 def objects(server: SeaweedServer, prefix: str) -> list[str]:
@@ -116,7 +85,7 @@ def test_server_killed_mid_persist_leaves_no_manifest_pointing_at_a_missing_chun
     server: SeaweedServer, tmp_path: FsPath
 ) -> None:
     src = tmp_path / "work" / "ckpt"
-    write_tree(src, [40 * MiB, 40 * MiB, 40 * MiB, 3 * MiB], seed=1)  # two persist batches and more
+    write_tree(src, parts([40 * MiB, 40 * MiB, 40 * MiB, 3 * MiB], seed=1))  # two persist batches and more
     url = f"s3://{BUCKET}/faults"
     with aws_env({**server.env(), **FAST_FAIL}):
         store = ArtifactStore.open(url, tmp_path)
@@ -155,7 +124,7 @@ def test_server_killed_mid_persist_leaves_no_manifest_pointing_at_a_missing_chun
         assert held <= m.chunk_ids() and assert_consistent(store) == m.chunk_ids()
         with Workspace(tmp_path / "other-state") as other:
             other.sync(m, tmp_path / "copy", remote=store.chunks)
-        assert digest(tmp_path / "copy") == digest(src)
+        assert listing(tmp_path / "copy") == listing(src)
         store.close()
         workspace.close()
     assert PERSIST_BATCH < 120 * MiB  # what makes "a later batch" exist
@@ -187,9 +156,9 @@ def test_server_dying_or_freezing_mid_get_raises_store_error_and_leaves_the_loca
     server: SeaweedServer, tmp_path: FsPath, fault: str
 ) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
-    write_tree(src, [24 * MiB, 24 * MiB], seed=2)
-    write_tree(dest, [3 * MiB, 5 * MiB, 1 * MiB], seed=3)  # an older version is here
-    before = digest(dest)
+    write_tree(src, parts([24 * MiB, 24 * MiB], seed=2))
+    write_tree(dest, parts([3 * MiB, 5 * MiB, 1 * MiB], seed=3))  # an older version is here
+    before = listing(dest)
     prefix = f"get-{fault}/"
     with aws_env(server.env()):
         # Short timeouts and read-ahead, so that a frozen server fails the get quickly and
@@ -209,13 +178,13 @@ def test_server_dying_or_freezing_mid_get_raises_store_error_and_leaves_the_loca
                 ws.sync(m, dest, remote=source, overwrite=True)
             assert server.endpoint in str(info.value) and repr(BUCKET) in str(info.value)
             assert source.delivered >= 1
-            assert digest(dest) == before
+            assert listing(dest) == before
             if fault == "sigkill":
                 server.start()
             else:
                 server.resume()
             ws.sync(m, dest, remote=store, overwrite=True)
-        assert digest(dest) == digest(src)
+        assert listing(dest) == listing(src)
         store.close()
 
 

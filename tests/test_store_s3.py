@@ -19,13 +19,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
-from s3server import SeaweedServer
+from s3server import SeaweedServer, aws_env
 
 from cas.errors import ChunkCorruptError, ChunkNotFoundError, StoreError, UnsupportedVersionError
 from cas.hashing import ChunkId, chunk_id
@@ -52,21 +51,6 @@ from cas.testing import (
 BUCKET = "pathapi-test"
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def aws_env(env: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` updated with ``env`` inside the block (boto3 reads it when a client is made)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import itertools
 import os
 import random
 import shutil
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -30,12 +29,12 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
-from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+from trees import Model, chunks_of, read_tree
 
 from cas.chunking import DEFAULT_PARAMS, Chunker, ChunkerParams
 from cas.compress import maybe_compress
-from cas.hashing import chunk_id
 from cas.workspace import Workspace
 from pathapi import App, Flow, Path, Work
 from pathapi.aio import io_loop
@@ -56,44 +55,7 @@ BLOB = random.Random(1234).randbytes(1 * MiB)
 
 
 # -- trees, read independently -------------------------------------------------------------
-def read_tree(root: str | os.PathLike[str]) -> dict[str, tuple[Any, ...]] | None:
-    """rel path -> ("file", bytes, executable) | ("dir",) | ("link", target); a file root is
-    named ""; None if nothing is there."""
-    root = os.fspath(root)
-    if not os.path.lexists(root):
-        return None
-    out: dict[str, tuple[Any, ...]] = {}
-
-    def visit(path: str, rel: str) -> None:
-        st_ = os.lstat(path)
-        if stat.S_ISLNK(st_.st_mode):
-            out[rel] = ("link", os.readlink(path))
-        elif stat.S_ISDIR(st_.st_mode):
-            if rel:
-                out[rel] = ("dir",)
-            for name in sorted(os.listdir(path)):
-                visit(os.path.join(path, name), f"{rel}/{name}" if rel else name)
-        else:
-            with open(path, "rb") as f:
-                out[rel] = ("file", f.read(), bool(st_.st_mode & stat.S_IXUSR))
-
-    visit(root, "")
-    return out
-
-
-def chunks_of(tree: dict[str, tuple[Any, ...]] | None, chunker: Chunker) -> dict[bytes, bytes]:
-    """chunk id -> bytes, for every chunk of every file of ``tree``."""
-    out: dict[bytes, bytes] = {}
-    for node in (tree or {}).values():
-        if node[0] == "file":
-            data = node[1]
-            for off, n in chunker.cut(data):
-                piece = data[off : off + n]
-                out[chunk_id(piece)] = piece
-    return out
-
-
-def show(tree: dict[str, tuple[Any, ...]] | None) -> dict[str, Any] | None:
+def show(tree: Model | None) -> dict[str, Any] | None:
     if tree is None:
         return None
     return {k: (v[0], len(v[1]), v[2]) if v[0] == "file" else v for k, v in tree.items()}
@@ -353,7 +315,7 @@ def test_a_local_copy_of_another_kind_is_replaced(rig: Rig) -> None:
 
 
 # -- the same invariant through real work processes --------------------------------------------
-def tree_chunks(root: FsPath) -> tuple[dict[str, tuple[Any, ...]] | None, dict[bytes, bytes]]:
+def tree_chunks(root: FsPath) -> tuple[Model | None, dict[bytes, bytes]]:
     tree = read_tree(root)
     with Chunker(DEFAULT_PARAMS) as chunker:
         return tree, chunks_of(tree, chunker)

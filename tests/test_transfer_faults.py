@@ -19,7 +19,6 @@ exactly when the chunks are read. The flow records what happened; tests assert a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -29,7 +28,9 @@ import time
 from pathlib import Path as FsPath
 from typing import Any
 
+import blake3
 import pytest
+from trees import Listing, listing, sha
 
 from cas.store.local import INDEX, RECORD, LocalChunkStore
 from pathapi import App, Flow, Path, Work, WorkError
@@ -45,32 +46,9 @@ def version_bytes(version: int, size: int) -> bytes:
     return random.Random(version).randbytes(size)
 
 
-def sha(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tree_digest(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """rel path -> sha256 (files), "dir", or "-> target" (links); a file root is named ""."""
-    root = os.fspath(root)
-    if not os.path.isdir(root) or os.path.islink(root):
-        return {"": sha(root)}
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if os.path.islink(full):
-                out[rel] = "-> " + os.readlink(full)
-            elif os.path.isdir(full):
-                out[rel] = "dir"
-            else:
-                out[rel] = (sha(full), bool(os.stat(full).st_mode & 0o100))
-    return out
+def one_file(digest: str) -> Listing:
+    """The listing of a root that is one (non-executable) file with that digest."""
+    return {"": ("file", False, digest)}
 
 
 def _wrap_read_frames(hook: Any) -> None:
@@ -220,7 +198,7 @@ class Consumer(Work):
         LOCATE_CALLS[0] = 0
         lt = p.last_transfer
         self.record = None if lt is None else {k: getattr(lt, k) for k in lt.__dataclass_fields__}
-        self.tree = tree_digest(p) if os.path.lexists(p) else {}
+        self.tree = listing(p) if os.path.lexists(p) else {}
 
 
 class App2(Flow):
@@ -304,7 +282,7 @@ def test_origin_killed_mid_transfer_leaves_the_consumer_files_as_before(tmp_path
             flow.log["error"] = e
         flow.log["failed_after"] = time.monotonic() - t0
         flow.log["leftovers"] = consumer_leftovers(flow.log["root"])
-        flow.log["after_kill"] = tree_digest(flow.log["root"] / "works" / CONSUMER / "data.bin")
+        flow.log["after_kill"] = listing(flow.log["root"] / "works" / CONSUMER / "data.bin")
         flow.log["listing"] = sorted(os.listdir(flow.log["root"] / "works" / CONSUMER))
         # The origin died after persisting (at least v1): get now falls back to the artifacts.
         con.run(src.data)
@@ -319,23 +297,23 @@ def test_origin_killed_mid_transfer_leaves_the_consumer_files_as_before(tmp_path
     log = flow.log
     v1, v2 = log["v1"], log["v2"]
     assert v1 != v2
-    assert log["before"] == {"": v1}
+    assert log["before"] == one_file(v1)
     err = log["error"]
     if err is None:  # the transfer finished before the kill landed: then it is complete
         assert not slowed, "the get succeeded although its origin was killed mid-transfer"
-        assert log["after_kill"] == {"": v2}
+        assert log["after_kill"] == one_file(v2)
     else:
         assert isinstance(err, WorkError) and err.work_name == CONSUMER
         message = str(err).split("---")[0]
         assert "OriginUnreachableError" in message and repr(SOURCE) in message, message
         assert log["failed_after"] < 15
         # nothing lost or half-written: the previous file, byte for byte
-        assert log["after_kill"] == {"": v1}
+        assert log["after_kill"] == one_file(v1)
     assert log["listing"] == ["data.bin"]
     assert log["leftovers"] == []
     # served from the artifact store: some version the origin really persisted, whole
     assert log["fallback_record"]["source"] == "artifacts"
-    assert log["fallback_tree"] in ({"": v1}, {"": v2})
+    assert log["fallback_tree"] in (one_file(v1), one_file(v2))
     assert consumer_leftovers(root) == []
 
 
@@ -357,11 +335,11 @@ def test_get_after_the_origin_stopped_is_served_from_the_persisted_artifacts(tmp
     flow, root = run_app(tmp_path, steps)
     record, tree = flow.log["tree"]
     assert record["source"] == "artifacts"
-    assert tree == tree_digest(root / "works" / SOURCE / "tree")
+    assert tree == listing(root / "works" / SOURCE / "tree")
     assert record["files"] == 9 and record["chunks_transferred"] > 0
     record, tree, outcomes = flow.log["data"]
     assert record["source"] == "artifacts" and record["bytes_total"] == 3 * MiB
-    assert tree == {"": sha(root / "works" / SOURCE / "data.bin")}
+    assert tree == one_file(sha(root / "works" / SOURCE / "data.bin"))
     assert [o[:2] for o in outcomes] == [["exists_remote", True], ["get", "ok"]]
     (what1, exists, _), (what2, got, _) = flow.log["missing"]
     assert exists is False
@@ -460,7 +438,7 @@ def test_corrupt_chunk_in_the_artifact_store_fails_the_get_and_leaves_the_tree(t
             flow.log["error"] = None
         except WorkError as e:
             flow.log["error"] = e
-        flow.log["after"] = tree_digest(flow.log["root"] / "works" / CONSUMER / "data.bin")
+        flow.log["after"] = listing(flow.log["root"] / "works" / CONSUMER / "data.bin")
         flow.log["leftovers"] = consumer_leftovers(flow.log["root"])
 
     root = tmp_path / "app"
@@ -468,13 +446,13 @@ def test_corrupt_chunk_in_the_artifact_store_fails_the_get_and_leaves_the_tree(t
     flow.log["root"] = root
     App(flow, root=root).run()
     log = flow.log
-    assert log["before"] == {"": log["v1"]}
+    assert log["before"] == one_file(log["v1"])
     err = log["error"]
     assert isinstance(err, WorkError), "a corrupt chunk was accepted"
     message = str(err).split("---")[0]
     assert "ChunkCorruptError" in message and log["bad"] in message and "failed verification" in message, message
     assert "packs" in message  # says where the bad bytes are
-    assert log["after"] == {"": log["v1"]}
+    assert log["after"] == one_file(log["v1"])
     assert log["leftovers"] == []
 
 
@@ -496,7 +474,7 @@ def test_file_rewritten_during_a_get_restarts_the_transfer_and_ends_in_a_real_st
             flow.log["error"] = None
         except WorkError as e:
             flow.log["error"] = e
-        flow.log["after_error"] = tree_digest(flow.log["root"] / "works" / CONSUMER / "data.bin")
+        flow.log["after_error"] = listing(flow.log["root"] / "works" / CONSUMER / "data.bin")
         flow.log["leftovers"] = consumer_leftovers(flow.log["root"])
 
     root = tmp_path / "app"
@@ -505,15 +483,15 @@ def test_file_rewritten_during_a_get_restarts_the_transfer_and_ends_in_a_real_st
     App(flow, root=root).run()
     log = flow.log
     attempts, tree, record = log["first"]
-    v12 = hashlib.sha256(version_bytes(12, size)).hexdigest()
+    v12 = blake3.blake3(version_bytes(12, size)).hexdigest()
     assert attempts == [3], "two rewrites after the manifest must restart the transfer twice"
-    assert tree == {"": v12}, "the result is not the file's real (last) state"
+    assert tree == one_file(v12), "the result is not the file's real (last) state"
     assert record["source"] == "origin" and record["bytes_total"] == size
     err = log["error"]
     assert isinstance(err, WorkError)
     message = str(err).split("---")[0]
     assert "StaleManifestError" in message and "kept changing" in message and repr(SOURCE) in message, message
-    assert log["after_error"] == {"": v12}
+    assert log["after_error"] == one_file(v12)
     assert log["leftovers"] == []
 
 
@@ -571,7 +549,7 @@ class Concurrent(Flow):
 def test_gets_racing_a_writer_only_ever_see_whole_versions(tmp_path: FsPath) -> None:
     flow = Concurrent()
     App(flow, root=tmp_path / "app").run()
-    real = {hashlib.sha256(version_bytes(v, 4 * MiB)).hexdigest() for v in range(20, 33)}
+    real = {blake3.blake3(version_bytes(v, 4 * MiB)).hexdigest() for v in range(20, 33)}
     results = flow.reader.results
     digests = [r for r in results if len(r) == 64]
     assert len(digests) >= 3 and len(set(digests)) >= 2, results

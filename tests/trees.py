@@ -13,6 +13,10 @@ so a sequence of edits is a plain strategy and shrinks well. An edit that does n
 (no file to append to, a name that exists already, a link that would leave the tree) is a
 no-op. :func:`apply_edit` performs the same edit on disk with the real operation (bytes
 written in place, ``os.rename``, ``rmtree``...) and returns the new model.
+
+The tests' one tree writer (:func:`write_tree`), tree readers (:func:`read_tree`, and
+:func:`listing`, its digest form) and file digest (:func:`sha`, BLAKE3) live here: a test
+says what it writes as a model and imports these, never a copy of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import random
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import blake3
 from hypothesis import strategies as st
@@ -466,7 +470,13 @@ def apply_edits(root: str | os.PathLike[str], model: Model, es: Iterable[Edit]) 
 
 # -- disk -------------------------------------------------------------------------
 def write_tree(root: str | os.PathLike[str], model: Mapping[str, Node]) -> None:
-    """Create the tree ``model`` at ``root`` (which must not exist); the root folder is 0755."""
+    """Create the tree ``model`` at ``root``: a new folder (0755), or, if a folder is there
+    already, the model's entries in it (none of which may exist yet). The one tree writer of
+    the tests: a test says *what* it writes as a model.
+
+    Folders above an entry that the model does not list are made as plain folders, so a flat
+    ``{"ckpt/a.bin": File(...)}`` is enough to write (:func:`read_tree` then shows them too).
+    """
     root = os.fspath(root)
     os.makedirs(os.path.dirname(root), exist_ok=True)
     if "" in model:
@@ -474,12 +484,14 @@ def write_tree(root: str | os.PathLike[str], model: Mapping[str, Node]) -> None:
         assert node.kind == "file", "a tree's root is a file or a folder"
         _write(root, node.data, node.executable, node.mode)  # type: ignore[arg-type]
         return
-    os.mkdir(root)
-    os.chmod(root, 0o755)
+    if not os.path.isdir(root):
+        os.mkdir(root)
+        os.chmod(root, 0o755)
     folders = []
     for path in sorted(model, key=lambda p: p.split("/")):  # parents before children
         node = model[path]
         where = abspath(root, path)
+        os.makedirs(os.path.dirname(where), exist_ok=True)
         if node.kind == "dir":
             os.mkdir(where)
             folders.append((where, node.mode))
@@ -502,28 +514,65 @@ def _node(path: str, st_: os.stat_result) -> Node:
     raise AssertionError(f"{path}: not a file, folder or link")
 
 
-def read_tree(root: str | os.PathLike[str]) -> Model | None:
-    """The model of what is at ``root`` (None if nothing is). Links are never followed;
-    a link at ``root`` itself reads as ``{"": Link(...)}``."""
+_T = TypeVar("_T")
+
+
+def _walk(root: str | os.PathLike[str], describe: Callable[[str, os.stat_result], _T]) -> dict[str, _T] | None:
+    """rel path -> ``describe(path, lstat)`` for everything below ``root``; a root that is
+    not a folder is named "". None if nothing is at ``root``. Links are never followed; an
+    unreadable folder raises (a tree is never read in part)."""
     root = os.fspath(root)
     try:
         st_ = os.lstat(root)
     except FileNotFoundError:
         return None
     if not stat.S_ISDIR(st_.st_mode):
-        return {"": _node(root, st_)}
-    out: Model = {}
+        return {"": describe(root, st_)}
+    out: dict[str, _T] = {}
 
-    def walk(d: str, rel: str) -> None:
-        with os.scandir(d) as it:
-            for child in it:
-                p = join(rel, child.name)
-                out[p] = _node(child.path, child.stat(follow_symlinks=False))
-                if out[p].kind == "dir":
-                    walk(child.path, p)
+    def fail(e: OSError) -> None:
+        raise e
 
-    walk(root, "")
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        rel = os.path.relpath(dirpath, root)
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            out[join("" if rel == "." else rel, name)] = describe(full, os.lstat(full))
     return out
+
+
+def read_tree(root: str | os.PathLike[str]) -> Model | None:
+    """The model of what is at ``root`` (None if nothing is). Links are never followed;
+    a link at ``root`` itself reads as ``{"": Link(...)}``."""
+    return _walk(root, _node)
+
+
+def sha(path: str | os.PathLike[str]) -> str:
+    """BLAKE3 of a file's bytes (hex), read in blocks: the one file digest of the tests."""
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+Listing = dict[str, tuple[object, ...]]
+
+
+def _listed(path: str, st_: os.stat_result) -> tuple[object, ...]:
+    if stat.S_ISLNK(st_.st_mode):
+        return ("link", os.readlink(path))
+    if stat.S_ISDIR(st_.st_mode):
+        return ("dir",)
+    return ("file", bool(st_.st_mode & stat.S_IXUSR), sha(path))
+
+
+def listing(root: str | os.PathLike[str]) -> Listing | None:
+    """What a tree holds, small enough to compare and to send from a work process: rel path
+    -> ``("file", executable, sha)`` | ``("link", target)`` | ``("dir",)``. A root that is not
+    a folder (a file, a link) is named ""; None if nothing is at ``root``. Links are never
+    followed. :func:`read_tree` is the same with the bytes and modes themselves."""
+    return _walk(root, _listed)
 
 
 def tree_files(root: str | os.PathLike[str]) -> list[str]:
@@ -581,10 +630,10 @@ def chunk_ids_in(model: Mapping[str, Node] | None, chunker: Chunker) -> set[Chun
     }
 
 
-def chunks_of(model: Mapping[str, Node], chunker: Chunker) -> dict[ChunkId, bytes]:
-    """id -> bytes of every chunk in the files of ``model``."""
+def chunks_of(model: Mapping[str, Node] | None, chunker: Chunker) -> dict[ChunkId, bytes]:
+    """id -> bytes of every chunk in the files of ``model`` (none if it is None: nothing there)."""
     out: dict[ChunkId, bytes] = {}
-    for n in model.values():
+    for n in (model or {}).values():
         if n.kind == "file":
             data = n.data
             assert isinstance(data, bytes)
