@@ -107,6 +107,10 @@ class StoreBusyError(StoreError):
     """A store operation conflicts with one another process holds (a GC, a persist)."""
 
 
+class BadStoreUrlError(StoreError, ValueError):
+    """A store URL no repository can be opened from (an unknown scheme, a malformed S3 URL)."""
+
+
 class GcError(StoreError):
     """Garbage collection refused to delete: the live set could not be read in full."""
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FileChangedError, StoreError
+from .errors import BadStoreUrlError, FileChangedError, StoreError
 from .gc import GcReport, collect_garbage
 from .hashing import ChunkId
 from .leases import Leases
@@ -38,10 +38,6 @@ class Pushed:
 
     manifest: Manifest
     added: int
-
-
-class BadStoreUrlError(StoreError, ValueError):
-    """A store URL no repository can be opened from (an unknown scheme, a malformed S3 URL)."""
 
 
 class Repository:

@@ -17,6 +17,7 @@ from pathlib import Path as FsPath
 import pytest
 
 from cas.errors import (
+    BadStoreUrlError,
     CasError,
     ChunkCorruptError,
     ChunkError,
@@ -64,6 +65,7 @@ BUILTINS: dict[type[LocatedError], tuple[type[Exception], ...]] = {
     ChunkCorruptError: (ValueError,),
     ChunkNotFoundError: (FileNotFoundError, OSError),
     StoreError: (OSError,),
+    BadStoreUrlError: (OSError, ValueError),
     StoreBusyError: (OSError,),
     GcError: (OSError,),
     S3AccessDeniedError: (PermissionError, OSError),

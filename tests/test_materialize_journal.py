@@ -20,7 +20,7 @@ from cas.materialize import locked, recover
 from cas.materialize.journal import (
     Chmod,
     DirMode,
-    InvalidOperation,
+    _InvalidOperation,
     Journal,
     Link,
     MakeDir,
@@ -96,7 +96,7 @@ def test_typed_operations_encode_to_the_v2_bytes_and_decode_from_them(tmp_path: 
     (["patch", "f", 1, 0o644, [[0, 0, (16 << 20) + 1]]], "is not [offset, data offset, length] within bounds"),
 ])
 def test_an_invalid_operation_says_what_is_wrong_with_it(raw: list[object], problem: str) -> None:
-    with pytest.raises(InvalidOperation, match=problem.replace("[", r"\[")):
+    with pytest.raises(_InvalidOperation, match=problem.replace("[", r"\[")):
         decode_operation(raw)
 
 

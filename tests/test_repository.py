@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from s3server import SeaweedServer
-from test_gc import collect_while_running, write_tree
-from test_store_s3 import BUCKET, aws_env
+from s3server import SeaweedServer, aws_env
+from test_gc import collect_while_running, random_files
+from test_store_s3 import BUCKET
+from trees import Model, read_tree, write_tree
 
 from cas.errors import StoreError
 from cas.hashing import ChunkId, chunk_id
@@ -34,30 +35,26 @@ from cas.workspace import Workspace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def listing(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def readable(repo: Repository, m: Manifest) -> bool:
     """Every chunk ``m`` names is in the store and verifies."""
     ids = m.chunk_ids()
     return repo.chunks.has_many(ids) == ids and all(chunk_id(d) == cid for cid, d in repo.chunks.get_many(ids))
 
 
-def restore(repo: Repository, m: Manifest, dest: Path, state: Path) -> dict[str, bytes]:
+def restore(repo: Repository, m: Manifest, dest: Path, state: Path) -> Model | None:
     with Workspace(state) as ws:
         ws.sync(m, dest, remote=repo.chunks)
-    return listing(dest)
+    return read_tree(dest)
 
 
 # -- push -------------------------------------------------------------------------------
 def test_a_pushed_tree_reads_back_exactly_and_its_ref_names_it(tmp_path: Path) -> None:
-    write_tree(tmp_path / "tree", random.Random(1))
+    write_tree(tmp_path / "tree", random_files(random.Random(1)))
     with Repository.open(tmp_path / "repo") as repo, Workspace(tmp_path / "ws") as ws:
         pushed = repo.push("t", tmp_path / "tree", ws)
         assert pushed is not None and pushed.added == len(pushed.manifest.chunk_ids())
         assert repo.refs.get("t") == pushed.manifest.encode()
-        assert restore(repo, pushed.manifest, tmp_path / "out", tmp_path / "ws2") == listing(tmp_path / "tree")
+        assert restore(repo, pushed.manifest, tmp_path / "out", tmp_path / "ws2") == read_tree(tmp_path / "tree")
 
 
 class CountingChunks(MemoryChunkStore):
@@ -80,7 +77,7 @@ class CountingRefs(LocalRefStore):
 
 
 def test_a_second_push_of_an_unchanged_tree_moves_and_rewrites_nothing(tmp_path: Path) -> None:
-    write_tree(tmp_path / "tree", random.Random(2), files=6)
+    write_tree(tmp_path / "tree", random_files(random.Random(2), files=6))
     chunks, refs = CountingChunks(), CountingRefs(tmp_path / "refs")
     repo = Repository(chunks, refs, LocalRefStore(tmp_path / "leases"), "test")
     with Workspace(tmp_path / "ws") as ws:
@@ -106,7 +103,7 @@ def test_gc_deletes_what_no_ref_names_and_keeps_every_pushed_tree(tmp_path: Path
     with Repository.open(tmp_path / "repo") as repo, Workspace(tmp_path / "ws") as ws:
         trees = []
         for i in range(3):
-            write_tree(tmp_path / f"t{i}", random.Random(10 + i))
+            write_tree(tmp_path / f"t{i}", random_files(random.Random(10 + i)))
             pushed = repo.push(f"t{i}", tmp_path / f"t{i}", ws)
             assert pushed is not None
             trees.append(pushed.manifest)
@@ -169,7 +166,7 @@ def test_gc_racing_cas_push_in_another_process_never_leaves_a_ref_without_its_ch
 
 
 def test_cas_push_names_its_tree_by_a_ref_so_gc_keeps_it(tmp_path: Path) -> None:
-    write_tree(tmp_path / "tree", random.Random(4))
+    write_tree(tmp_path / "tree", random_files(random.Random(4)))
     manifest = tmp_path / "tree.manifest"
     out = subprocess.run([sys.executable, "-m", "cas", "push", str(tmp_path / "tree"), str(tmp_path / "repo"),
                           str(manifest), "--state", str(tmp_path / "state")],
@@ -186,7 +183,7 @@ def test_cas_push_names_its_tree_by_a_ref_so_gc_keeps_it(tmp_path: Path) -> None
 def test_open_takes_a_folder_in_each_spelling(tmp_path: Path, form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     url = {"path": str(tmp_path / "repo"), "file-url": f"file://{tmp_path / 'repo'}", "relative": "repo"}[form]
-    write_tree(tmp_path / "tree", random.Random(5))
+    write_tree(tmp_path / "tree", random_files(random.Random(5)))
     with Repository.open(url) as repo, Workspace(tmp_path / "ws") as ws:
         pushed = repo.push("t", tmp_path / "tree", ws)
         assert repo.location == str(tmp_path / "repo")
@@ -203,14 +200,14 @@ def s3_url(s3_server: SeaweedServer) -> Iterator[str]:
 
 
 def test_open_of_an_s3_url_pushes_and_reads_back_through_the_bucket(s3_url: str, tmp_path: Path) -> None:
-    write_tree(tmp_path / "tree", random.Random(6))
+    write_tree(tmp_path / "tree", random_files(random.Random(6)))
     with Repository.open(s3_url) as repo, Workspace(tmp_path / "ws") as ws:
         pushed = repo.push("t", tmp_path / "tree", ws)
         assert repo.location == s3_url
     assert pushed is not None
     with Repository.open(s3_url) as again:  # a new connection: only what the bucket holds
         assert again.refs.get("t") == pushed.manifest.encode()
-        assert restore(again, pushed.manifest, tmp_path / "out", tmp_path / "ws2") == listing(tmp_path / "tree")
+        assert restore(again, pushed.manifest, tmp_path / "out", tmp_path / "ws2") == read_tree(tmp_path / "tree")
         assert again.gc(min_garbage=0.0).deleted_chunks == 0
 
 

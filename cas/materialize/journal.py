@@ -26,7 +26,7 @@ _OFF_MAX = 2**63 - 1  # what a file offset or size can be (off_t)
 _RANGE_MAX = 16 << 20  # a patch range is one chunk: at most the largest max_size
 
 
-class InvalidOperation(ValueError):
+class _InvalidOperation(ValueError):
     """A journal operation that is not one this code writes; its message says why."""
 
 
@@ -51,19 +51,19 @@ def _is_offset(x: object) -> TypeGuard[int]:
 def _checked_path(rel: object) -> str:
     """``rel`` if it names something inside the destination."""
     if not isinstance(rel, str):
-        raise InvalidOperation("its path is not a string")
+        raise _InvalidOperation("its path is not a string")
     # Inside dest: relative, no "", "." or ".." component, no NUL. Not the manifest rules:
     # a removal may name a foreign entry ("a\\b", "C:x" are plain names on Linux).
     if rel and (rel.startswith("/") or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/"))):
-        raise InvalidOperation("its path is not inside the destination")
+        raise _InvalidOperation("its path is not inside the destination")
     if len(rel.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
-        raise InvalidOperation("its path is too long")
+        raise _InvalidOperation("its path is too long")
     return rel
 
 
 def _checked_mode(mode: object) -> int:
     if not _is_mode(mode):
-        raise InvalidOperation("its mode is not permission bits")
+        raise _InvalidOperation("its mode is not permission bits")
     return mode
 
 
@@ -86,7 +86,7 @@ class Operation:
     @classmethod
     def decode(cls, fields: list[object]) -> Self:
         """The operation whose encoding, after its name, is ``fields`` (as many as its
-        :meth:`arity` says); InvalidOperation if a field is of the wrong type or range."""
+        :meth:`arity` says); _InvalidOperation if a field is of the wrong type or range."""
         return cls(_checked_path(fields[0]))
 
 
@@ -119,7 +119,7 @@ class Place(Operation):
         stage, rel = fields
         path = _checked_path(rel)
         if not is_stage_name(stage):
-            raise InvalidOperation("not a staged file's name")
+            raise _InvalidOperation("not a staged file's name")
         return cls(path, str(stage))
 
 
@@ -138,9 +138,9 @@ class Link(Operation):
         rel, target = fields
         path = _checked_path(rel)
         if not isinstance(target, str) or not target or target.startswith("/") or "\x00" in target or "\\" in target:
-            raise InvalidOperation("not a relative link target")
+            raise _InvalidOperation("not a relative link target")
         if len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
-            raise InvalidOperation("link target too long")
+            raise _InvalidOperation("link target too long")
         return cls(path, target)
 
 
@@ -184,7 +184,7 @@ class Range:
     @classmethod
     def decode(cls, raw: object) -> Range:
         if not (isinstance(raw, list) and len(raw) == 3 and all(_is_offset(x) for x in raw) and raw[2] <= _RANGE_MAX):
-            raise InvalidOperation(f"range {str(raw)[:80]} is not [offset, data offset, length] within bounds")
+            raise _InvalidOperation(f"range {str(raw)[:80]} is not [offset, data offset, length] within bounds")
         return cls(*raw)
 
 
@@ -205,7 +205,7 @@ class Patch(Operation):
         rel, size, mode, ranges = fields
         path = _checked_path(rel)
         if not _is_offset(size) or not _is_mode(mode) or not isinstance(ranges, list):
-            raise InvalidOperation("size, mode or ranges of the wrong type")
+            raise _InvalidOperation("size, mode or ranges of the wrong type")
         return cls(path, size, mode, tuple(Range.decode(r) for r in ranges))
 
 
@@ -213,12 +213,12 @@ _KINDS: dict[str, type[Operation]] = {k.NAME: k for k in (Remove, MakeDir, Place
 
 
 def decode_operation(raw: object) -> Operation:
-    """The operation ``raw`` (one element of a journal's "ops") encodes; InvalidOperation if none."""
+    """The operation ``raw`` (one element of a journal's "ops") encodes; _InvalidOperation if none."""
     if isinstance(raw, list) and raw and isinstance(raw[0], str):
         kind = _KINDS.get(raw[0])
         if kind is not None and kind.arity() == len(raw):
             return kind.decode(raw[1:])
-    raise InvalidOperation("not a known operation with its fields")
+    raise _InvalidOperation("not a known operation with its fields")
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ class Journal:
         for i, op in enumerate(ops):
             try:
                 decoded.append(decode_operation(op))
-            except InvalidOperation as e:
+            except _InvalidOperation as e:
                 raise MaterializeError(f"journal {where}: operation {i} {str(op)[:200]}: {e}", where) from None
         return cls(dest, tuple(decoded))
 
