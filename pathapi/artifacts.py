@@ -23,7 +23,7 @@ from cas.manifest import Kind, resolve_link
 from cas.store import ChunkStore, LocalRefStore, RefStore
 from cas.workspace import Workspace
 
-from .origin import PathOutsideRootError, resolve_under
+from .paths import PathOutsideRootError, resolve_under
 from .version import UNKNOWN, Version
 
 #: Bytes of chunks read and stored per batch while persisting (bounds memory).

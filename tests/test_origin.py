@@ -32,12 +32,13 @@ from cas.errors import ChunkNotFoundError
 from cas.hashing import ID_SIZE, chunk_id
 from cas.workspace import Workspace
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource, close_sessions
+from pathapi.wire.client import OriginClient, OriginSource, close_sessions
 from pathapi.errors import (
     AuthenticationError, OriginError, OriginUnreachableError, PathapiError, StaleManifestError,
 )
-from pathapi.origin import OriginService, PathOutsideRootError, resolve_under
-from pathapi.protocol import (
+from pathapi.paths import PathOutsideRootError, resolve_under
+from pathapi.wire.origin import OriginService
+from pathapi.wire.protocol import (
     DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, MAX_DELTA_IDS,
     STATUS_DELTA, STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
 )
