@@ -37,7 +37,20 @@ from .codec import (
     request_headers,
     retry_after,
 )
-from .protocol import BATCH_BYTES, HEADER_MANIFEST_ID, HEADER_VERSION, MAX_BATCH_IDS, MAX_DELTA_IDS, STATUS_DELTA, STATUS_OK, STATUS_STALE
+from .protocol import (
+    BATCH_BYTES,
+    HEADER_MANIFEST_ID,
+    HEADER_VERSION,
+    MAX_BATCH_IDS,
+    MAX_DELTA_IDS,
+    ROUTE_CHUNKS,
+    ROUTE_DELTAS,
+    ROUTE_EXISTS,
+    ROUTE_MANIFEST,
+    STATUS_DELTA,
+    STATUS_OK,
+    STATUS_STALE,
+)
 
 #: Chunk requests in flight at once per transfer.
 IN_FLIGHT = 4
@@ -185,7 +198,7 @@ class OriginClient:
     def current(self, rel: str) -> tuple[Manifest | None, Version | None]:
         """The current manifest of ``rel`` at the origin (None if it does not exist there),
         and the version of the origin's run that produced it (None if it said none)."""
-        status, body, headers = self._call("GET", "/v1/manifest", params={"path": rel})
+        status, body, headers = self._call("GET", ROUTE_MANIFEST, params={"path": rel})
         if status == 404:
             return None, None
         if status == 409:
@@ -201,7 +214,7 @@ class OriginClient:
         return m, version
 
     def exists(self, rel: str) -> bool:
-        status, body, _ = self._call("GET", "/v1/exists", params={"path": rel}, limit=_SMALL_ANSWER)
+        status, body, _ = self._call("GET", ROUTE_EXISTS, params={"path": rel}, limit=_SMALL_ANSWER)
         self._check(status, body, repr(rel))
         answer = json_field(body, "exists")
         if not isinstance(answer, bool):
@@ -215,7 +228,7 @@ class OriginClient:
         of the base held at its place), the chunk as a delta against those blocks or whole.
         At most ``limit`` bytes are accepted; an expired manifest is StaleManifestError."""
         body = encode_delta_request(manifest_id, block, wants)
-        status, answer, _ = await self._request("POST", "/v1/deltas", limit=limit, data=body)
+        status, answer, _ = await self._request("POST", ROUTE_DELTAS, limit=limit, data=body)
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, answer, "chunk deltas")
@@ -225,7 +238,7 @@ class OriginClient:
         """The raw answer (chunk frames) for ``ids`` of the manifest ``manifest_id`` served
         before. At most ``limit`` bytes are accepted; an expired manifest is StaleManifestError."""
         data = encode_chunk_request(manifest_id, ids)
-        status, body, _ = await self._request("POST", "/v1/chunks", limit=limit, data=data)
+        status, body, _ = await self._request("POST", ROUTE_CHUNKS, limit=limit, data=data)
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, body, f"{len(ids)} chunks")

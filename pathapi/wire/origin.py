@@ -50,6 +50,11 @@ from .protocol import (
     MAX_BATCH_IDS,
     MAX_DELTA_IDS,
     PROTOCOL_VERSION,
+    ROUTE_CHUNKS,
+    ROUTE_DELTAS,
+    ROUTE_EXISTS,
+    ROUTE_MANIFEST,
+    ROUTE_STATS,
     STATUS_DELTA,
     STATUS_OK,
     STATUS_STALE,
@@ -362,11 +367,11 @@ class OriginService:
     async def start(self, port: int = 0) -> str:
         self._answers = PriorityGate(MAX_ANSWERS)
         app = web.Application(middlewares=[self._auth], client_max_size=1 << 20)
-        app.router.add_get("/v1/manifest", self._manifest)
-        app.router.add_get("/v1/exists", self._exists)
-        app.router.add_post("/v1/chunks", self._chunks)
-        app.router.add_post("/v1/deltas", self._deltas)
-        app.router.add_get("/v1/stats", self._stats)
+        app.router.add_get(ROUTE_MANIFEST, self._manifest)
+        app.router.add_get(ROUTE_EXISTS, self._exists)
+        app.router.add_post(ROUTE_CHUNKS, self._chunks)
+        app.router.add_post(ROUTE_DELTAS, self._deltas)
+        app.router.add_get(ROUTE_STATS, self._stats)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, keepalive_timeout=self.idle_timeout,
             max_line_size=MAX_REQUEST_LINE, max_field_size=MAX_HEADER_FIELD, max_headers=MAX_HEADERS,
