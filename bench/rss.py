@@ -27,22 +27,24 @@ class RssFlow(Flow):
         super().__init__()
         self.origin = Origin("ckpt")
         self.consumer = Consumer()
-        object.__setattr__(self, "_pause", pause)
-        object.__setattr__(self, "_peer_dst", peer_dst)
-        object.__setattr__(self, "_app", None)
+        self._pause = pause
+        self._peer_dst = peer_dst
+        #: the App running this flow (set by run): its handles give the works' pids
+        self._app: App | None = None
         object.__setattr__(self, "result", {})
 
     def run(self) -> None:
-        app = self.__dict__["_app"]
-        po = app.handles[self.origin.name].process.pid
-        pc = app.handles[self.consumer.name].process.pid
-        settle(self.__dict__["_pause"])
+        app = self._app
+        assert app is not None, "RssFlow runs only under run()"
+        po, pc = app.handle(self.origin).pid, app.handle(self.consumer).pid
+        assert po is not None and pc is not None, "the works run in no local process"
+        settle(self._pause)
         with PeakRss([po, pc], names={po: self.origin.name, pc: self.consumer.name}) as rss:
             self.consumer.run("get", self.origin.data)
         rec = self.consumer.record
         src = os.path.join(app.root, "works", ORIGIN, "ckpt")
-        settle(self.__dict__["_pause"])
-        cp = peers.cp(src, self.__dict__["_peer_dst"], 6, peers.tree_bytes(src))
+        settle(self._pause)
+        cp = peers.cp(src, self._peer_dst, 6, peers.tree_bytes(src))
         self.result.update(
             seconds=rec["seconds"], bytes_moved=rec["bytes_transferred"], bytes_total=rec["bytes_total"],
             **rss.report.as_dict(), cp_seconds=cp.seconds, cp_rss=cp.rss,
@@ -60,6 +62,6 @@ def run(base: FsPath, size: int, pause: float) -> dict[str, Any]:
     print(f"rss: {size / 2**30:.2f} GiB checkpoint made in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     flow = RssFlow(pause, str(base / "cp" / "ckpt"))
     app = App(flow, root=app_root)
-    object.__setattr__(flow, "_app", app)
+    flow._app = app
     app.run()
     return {"size": size, **flow.result}

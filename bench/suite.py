@@ -25,6 +25,7 @@ import shutil
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path as FsPath
 from typing import Any
@@ -32,6 +33,8 @@ from typing import Any
 from cas import Manifest
 from cas.store import LocalRefStore
 from pathapi import App, Flow, Path, Work
+from pathapi.wire.codec import request_headers
+from pathapi.wire.protocol import ROUTE_MANIFEST, ROUTE_STATS
 
 from . import data as gen
 from . import peers
@@ -81,24 +84,32 @@ class Bench(Flow):
         self.smallorigin = Origin("small")
         self.consumer = Consumer()
         self.fan = [Consumer(parallel=True) for _ in range(FAN)]
-        object.__setattr__(self, "_cfg", cfg)
-        object.__setattr__(self, "_app", None)
+        self._cfg = cfg
+        #: the App running this flow (set by run_transfers): its handles give pids and URLs
+        self._app: App | None = None
         object.__setattr__(self, "rows", [])
         object.__setattr__(self, "notes", {})
 
     # -- plumbing ------------------------------------------------------------------
     @property
     def cfg(self) -> dict[str, Any]:
-        return self.__dict__["_cfg"]
+        return self._cfg
+
+    @property
+    def app(self) -> App:
+        assert self._app is not None, "the bench flow runs only under run_transfers"
+        return self._app
 
     def _pid(self, work: Work) -> int:
-        return self.__dict__["_app"].handles[work.name].process.pid
+        pid = self.app.handle(work).pid
+        assert pid is not None, f"{work.name} runs in no local process"
+        return pid
 
     def _ask(self, work: Work, path: str, timeout: float = 10) -> bytes:
         """One GET to ``work``'s origin service, with the app's secret, as any consumer asks."""
-        h = self.__dict__["_app"].handles[work.name]
-        req = urllib.request.Request(h.url + path, headers={
-            "Authorization": f"Bearer {h.config.secret}", "X-Pathapi-Protocol": "1"})
+        url = self.app.handle(work).url
+        assert url is not None, f"{work.name} serves nothing"
+        req = urllib.request.Request(url + path, headers=request_headers(self.app.secret))
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.read()
 
@@ -106,7 +117,7 @@ class Bench(Flow):
         """The origin service's counters (``GET /v1/stats``): chunk reads from disk and its
         chunk cache."""
         try:
-            return json.loads(self._ask(work, "/v1/stats"))
+            return json.loads(self._ask(work, ROUTE_STATS))
         except OSError as e:
             return {"error": str(e)}
 
@@ -114,7 +125,7 @@ class Bench(Flow):
         """Have the origin snapshot ``rel`` once (``GET /v1/manifest``), as its first persist
         would have after its run: later manifests come from its stat cache. Seconds taken."""
         t = time.perf_counter()
-        self._ask(work, f"/v1/manifest?path={rel}", timeout=3600)
+        self._ask(work, f"{ROUTE_MANIFEST}?{urllib.parse.urlencode({'path': rel})}", timeout=3600)
         return time.perf_counter() - t
 
     def row(self, scenario: str, tool: str, rep: int, seconds: float, moved: int, rss: dict[str, Any], **extra: Any) -> None:
@@ -349,7 +360,7 @@ def run_transfers(cfg: dict[str, Any]) -> dict[str, Any]:
     flow = Bench({**cfg, "origin_root": str(origin_root), "small_root": str(small_root), "app_root": str(app_root),
                   "peers": str(base / "peers")})
     app = App(flow, root=app_root)
-    object.__setattr__(flow, "_app", app)
+    flow._app = app
     app.run()
     return {"checkpoint_files": sizes, "small_files_bytes": small_bytes, "rows": flow.rows, "notes": flow.notes}
 

@@ -4,7 +4,6 @@ Built on :mod:`cas`: a Path resolves to a manifest at its origin; ``get`` moves 
 chunks the receiver lacks and never writes an unverified byte into a user's file.
 """
 
-from .app import App
 from .errors import (
     AuthenticationError,
     LitPathError,
@@ -15,10 +14,11 @@ from .errors import (
     TransferError,
     WorkError,
 )
-from .flow import Flow
 from .path import Path
+from .runtime.app import App
+from .runtime.flow import Flow
+from .runtime.work import Work
 from .transfer import TransferRecord
-from .work import Work
 
 # Aliases, so code written for the original API runs with only its imports changed.
 LightningWork = Work

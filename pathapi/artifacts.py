@@ -23,7 +23,7 @@ from cas.repository import PUSH_ATTEMPTS, Repository
 from cas.workspace import Workspace
 
 from .errors import PathapiError
-from .origin import PathOutsideRootError, resolve_under
+from .paths import PathOutsideRootError, resolve_under
 from .version import UNKNOWN, Version
 
 REF_MAGIC = b"PREF"

@@ -20,11 +20,11 @@ from types import ModuleType
 
 from cas.errors import CasError, StoreBusyError
 
-from . import app as app_module
 from . import demo
-from .app import App
 from .artifacts import ArtifactStore
 from .errors import PathapiError, WorkError
+from .runtime import app as app_module
+from .runtime.app import App
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -20,9 +20,9 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from .app import App
-from .flow import Flow
-from .work import Work
+from .runtime.app import App
+from .runtime.flow import Flow
+from .runtime.work import Work
 
 MiB = 1 << 20
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import blake3
 
+from . import transfer
 from .errors import LitPathError
-
-if TYPE_CHECKING:
-    from .transfer import TransferRecord
+from .transfer import TransferRecord
 
 LIT = "lit://"
 
@@ -139,10 +138,21 @@ class Path(pathlib.PosixPath):
         self._consumer = consumer if consumer is not None else meta.get("consumer")
         self._last_transfer = None
 
-    def _attach_origin(self, work: Any) -> None:
-        """Make ``work`` the origin (its name may only be known once it joins a flow)."""
+    def attach_origin(self, work: Any) -> None:
+        """Make ``work`` the origin (its name may only be known once it joins a flow).
+        Called by a Work when a Path without an origin is assigned to it."""
         self._origin_work = work
         self._origin = None
+
+    @property
+    def has_origin(self) -> bool:
+        """Whether an origin is set (by name, or as a work whose name is not known yet)."""
+        return self._origin is not None or self._origin_work is not None
+
+    def held_by(self, consumer: str) -> None:
+        """Work ``consumer`` holds this reference to another work's files (set by the
+        runtime when a run receives it)."""
+        self._consumer = consumer
 
     @property
     def origin_name(self) -> str | None:
@@ -207,21 +217,21 @@ class Path(pathlib.PosixPath):
         change, or a mix of old and new bytes while it is made, and an mmap of a file that
         shrinks faults (SIGBUS).
         """
-        from .transfer import get
+        self._last_transfer = transfer.get(self, overwrite=overwrite, in_place=in_place)
 
-        self._last_transfer = get(self, overwrite=overwrite, in_place=in_place)
+    def get_for_run(self) -> None:
+        """The get the runtime makes of each Path passed to ``run`` before the run starts:
+        local files are overwritten, a path that exists nowhere is skipped, and local files
+        newer than all there is to fetch are kept (``last_transfer`` says what happened)."""
+        self._last_transfer = transfer.get(self, overwrite=True, missing_ok=True, keep_newer=True)
 
     def exists_local(self) -> bool:
         """Whether the path exists in this work's filesystem. Only inside a work's run."""
-        from .transfer import exists_local
-
-        return exists_local(self)
+        return transfer.exists_local(self)
 
     def exists_remote(self) -> bool:
         """Whether the path exists at its origin (or, once the origin stopped, was persisted)."""
-        from .transfer import exists_remote
-
-        return exists_remote(self)
+        return transfer.exists_remote(self)
 
 
 def _restore(path: str, origin: str | None, consumer: str | None) -> Path:

@@ -15,25 +15,32 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cas import Manifest
 from cas.errors import CasError, ChunkNotFoundError
 from cas.hashing import ChunkId
 from cas.store.base import ChunkSource, Payload
 
-from .client import OriginClient, OriginSource
-from .context import WorkContext, require_run
 from .errors import OlderVersionError, OriginUnreachableError, StaleManifestError, transfer_error
 from .held import HeldVersions
-from .origin import PathOutsideRootError, resolve_under
+from .paths import PathOutsideRootError, resolve_under
+from .runtime.context import WorkContext, require_run
 from .version import Version
-
-if TYPE_CHECKING:
-    from .path import Path
+from .wire.client import OriginClient, OriginSource
 
 STALE_RETRIES = 5
 PROGRESS_MIN_BYTES = 64 << 20
+
+
+class SharedPath(Protocol):
+    """What a transfer needs of a :class:`pathapi.Path`: its place and its origin's name
+    (a Protocol, so this module needs no import of the class whose methods call it)."""
+
+    def __fspath__(self) -> str: ...
+
+    @property
+    def origin_name(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -142,17 +149,20 @@ def _held(ctx: WorkContext) -> HeldVersions:
     return HeldVersions(os.fspath(ctx.workspace.state_dir))
 
 
-def _dest(ctx: WorkContext, path: Path) -> str:
+def _dest(ctx: WorkContext, path: SharedPath) -> str:
     try:
         return resolve_under(ctx.root, os.fspath(path))
     except PathOutsideRootError as e:
         raise ValueError(f"{path!r} is not inside the work's root {ctx.root}: {e}") from None
 
 
-def get(path: Path, overwrite: bool = False, *, in_place: bool = False, missing_ok: bool = False,
+def get(path: SharedPath, *, overwrite: bool, in_place: bool = False, missing_ok: bool = False,
         keep_newer: bool = False) -> TransferRecord | None:
     """Make this work's copy of ``path`` equal to the origin's current files (SPEC: Path.get).
 
+    Without ``overwrite`` an existing local copy is refused with FileExistsError before
+    anything is asked of the origin: this is pathapi's only overwrite check (its default,
+    False, is :meth:`pathapi.Path.get`'s; ``cas.Workspace.sync`` repeats it under its lock).
     ``in_place`` patches changed files in place instead of renaming new inodes into place.
     ``missing_ok`` returns None when the path exists nowhere; ``keep_newer`` (the automatic
     get at the start of a run) keeps this work's files when only an older version than they
@@ -249,12 +259,12 @@ def _lost(e: OriginUnreachableError, origin: str, rel: str, dest: str, counting:
     )
 
 
-def exists_local(path: Path) -> bool:
+def exists_local(path: SharedPath) -> bool:
     ctx = require_run("Path.exists_local()")
     return os.path.lexists(_dest(ctx, path))
 
 
-def exists_remote(path: Path) -> bool:
+def exists_remote(path: SharedPath) -> bool:
     ctx = require_run("Path.exists_remote()")
     origin = path.origin_name
     if origin is None:

@@ -41,8 +41,8 @@ from cas.workspace import Workspace  # noqa: E402
 from pathapi import Path  # noqa: E402
 from pathapi.aio import io_loop  # noqa: E402
 from pathapi.artifacts import ArtifactStore  # noqa: E402
-from pathapi.client import OriginSource, close_sessions  # noqa: E402
-from pathapi.context import WorkContext, set_current  # noqa: E402
+from pathapi.wire.client import OriginSource, close_sessions  # noqa: E402
+from pathapi.runtime.context import WorkContext, set_current  # noqa: E402
 
 APPLY_EVENTS = {
     "open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.chmod", "os.truncate", "shutil.rmtree",

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cas.workspace import Workspace  # noqa: E402
 from pathapi.aio import io_loop  # noqa: E402
-from pathapi.origin import OriginService  # noqa: E402
-from pathapi.protocol import FRAME, STATUS_DELTA, STATUS_OK  # noqa: E402
+from pathapi.wire.origin import OriginService  # noqa: E402
+from pathapi.wire.protocol import FRAME, STATUS_DELTA, STATUS_OK  # noqa: E402
 
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2

@@ -34,6 +34,6 @@ def close_client_sessions() -> Iterator[None]:
     uses it (``pytestmark = pytest.mark.usefixtures("close_client_sessions")``)."""
     yield
     from pathapi.aio import io_loop
-    from pathapi.client import close_sessions
+    from pathapi.wire.client import close_sessions
 
     io_loop().run(close_sessions(), timeout=10)

@@ -786,7 +786,7 @@ class Keeper(Work):
 def wait_until_persisted(work: str, rel: str, timeout: float = 30) -> None:
     """Inside a work: wait until the background persister stored ``rel``. (Test-only peek at
     the artifact store; the public API has no such hook.)"""
-    from pathapi.context import current
+    from pathapi.runtime.context import current
 
     store = current().artifacts
     deadline = time.monotonic() + timeout

@@ -28,9 +28,9 @@ from cas.hashing import chunk_id
 from cas.workspace import Workspace
 from pathapi.aio import io_loop
 from pathapi.chunkcache import ENTRY_OVERHEAD, Frame, FrameCache
-from pathapi.client import OriginClient, OriginSource
+from pathapi.wire.client import OriginClient, OriginSource
 from pathapi.errors import StaleManifestError
-from pathapi.origin import OriginService
+from pathapi.wire.origin import OriginService
 
 MiB = 1 << 20
 NAME = "root.source"

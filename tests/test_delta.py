@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pathapi.client as client_module
+import pathapi.wire.client as client_module
 from cas import delta
 from cas.workspace import Workspace
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource, close_sessions
-from pathapi.origin import OriginService
+from pathapi.wire.client import OriginClient, OriginSource, close_sessions
+from pathapi.wire.origin import OriginService
 
 MiB = 1 << 20
 B = delta.BLOCK_SIZE

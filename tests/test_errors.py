@@ -38,7 +38,7 @@ from cas.workspace import Workspace
 from pathapi import Path
 from pathapi.artifacts import ArtifactStore, SubPathError
 from pathapi.cli import UsageError
-from pathapi.context import WorkContext, current, set_current
+from pathapi.runtime.context import WorkContext, current, set_current
 from pathapi.errors import (
     AuthenticationError,
     LitPathError,
@@ -51,7 +51,7 @@ from pathapi.errors import (
     WorkError,
     transfer_error,
 )
-from pathapi.origin import PathOutsideRootError
+from pathapi.paths import PathOutsideRootError
 from pathapi.version import Version
 
 #: Every public error class and the builtins a user catches it by today: the contract. A new

@@ -69,9 +69,9 @@ from cas.store.memory import MemoryChunkStore
 from cas.store.refs import LocalRefStore
 from cas.store.refs import encode as encode_ref
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource, close_sessions
+from pathapi.wire.client import OriginClient, OriginSource, close_sessions
 from pathapi.errors import OriginError, PathapiError
-from pathapi.protocol import FRAME, HEADER_MANIFEST_ID, STATUS_DELTA, STATUS_OK
+from pathapi.wire.protocol import FRAME, HEADER_MANIFEST_ID, STATUS_DELTA, STATUS_OK
 
 PARAMS = ChunkerParams(min_size=256, avg_size=1 * KiB, max_size=4 * KiB)
 OWN_ERRORS = (CasError, PathapiError)

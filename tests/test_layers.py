@@ -1,8 +1,9 @@
 """The layering docs/design.md states ("Packages and what each may import"), checked on the
 source: an import that runs upward fails here, not in review.
 
-Module-level imports only: the imports inside functions are the known cycles the structure
-issue removes (flow/work/runner, path/transfer); they are listed in docs/design.md.
+The package rules look at module-level imports; the cycle check looks at every import of a
+pathapi module (inside functions and ``if TYPE_CHECKING:`` blocks too), so that no cycle can
+come back hidden in a function.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ MATERIALIZE_INNER = {
     "run": {"apply", "checks", "journal", "paths", "resume", "staging"},
 }
 #: pathapi modules that import no other pathapi module (leaves others build on).
-PATHAPI_LEAVES = {"errors", "version", "protocol", "aio", "chunkcache"}
+PATHAPI_LEAVES = {"errors", "version", "wire/protocol", "aio", "chunkcache", "paths"}
+#: pathapi modules that import nothing of the runtime (the wire layer serves both sides).
+PATHAPI_NO_RUNTIME = ["wire/codec", "wire/client", "wire/origin", "artifacts", "held"]
 
 
 def top_level_imports(path: Path, package: str) -> set[str]:
@@ -136,3 +139,82 @@ def test_only_the_repository_pushes(path: Path) -> None:
     if path == ROOT / "cas" / "repository.py" or path.parent.name == "store" or path.name == "testing.py":
         return
     assert not {"has_many", "put_many"} <= _calls(path), f"{path.name} pushes on its own: use Repository.push"
+
+
+@pytest.mark.parametrize("name", PATHAPI_NO_RUNTIME)
+def test_the_wire_layer_and_the_stores_import_nothing_of_the_runtime(name: str) -> None:
+    got = {m for m in top_level_imports(ROOT / "pathapi" / f"{name}.py", "pathapi") if m.startswith("pathapi.runtime")}
+    assert not got
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_imports(path: Path, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``path`` imports anywhere (a function, a TYPE_CHECKING
+    block); ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module."""
+    tree = ast.parse(path.read_text(), str(path))
+    rel_parts = path.relative_to(ROOT).with_suffix("").parts
+    here = list(rel_parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            out |= {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known}
+            out.add(mod)
+    return out & known
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` it imports. A package's ``__init__`` is left out
+    as a target: importing ``a.b`` runs ``a/__init__`` first whatever ``a.b`` imports."""
+    paths = {module_name(p): p for p in modules(package)}
+    inits = {m for m, p in paths.items() if p.name == "__init__.py"}
+    known = set(paths) - inits
+    return {m: all_imports(p, known) - {m} for m, p in paths.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a list of modules, first repeated last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+@pytest.mark.parametrize("package", ["pathapi"])  # cas: cli <-> demo remains (cas/cli.py)
+def test_no_import_cycle_not_even_inside_functions(package: str) -> None:
+    cycle = find_cycle(import_graph(package))
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None

@@ -32,7 +32,7 @@ from cas.errors import ChunkNotFoundError
 from cas.hashing import ID_SIZE, chunk_id
 from cas.workspace import Workspace
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource
+from pathapi.wire.client import OriginClient, OriginSource
 from pathapi.errors import (
     AuthenticationError,
     OriginError,
@@ -40,19 +40,11 @@ from pathapi.errors import (
     PathapiError,
     StaleManifestError,
 )
-from pathapi.origin import OriginService, PathOutsideRootError, resolve_under
-from pathapi.protocol import (
-    DELTA_HEAD,
-    DELTA_ITEM,
-    FRAME,
-    HEADER_MANIFEST_ID,
-    HEADER_PROTOCOL,
-    MAX_BATCH_IDS,
-    MAX_DELTA_IDS,
-    STATUS_DELTA,
-    STATUS_OK,
-    STATUS_STALE,
-    STATUS_UNKNOWN,
+from pathapi.paths import PathOutsideRootError, resolve_under
+from pathapi.wire.origin import OriginService
+from pathapi.wire.protocol import (
+    DELTA_HEAD, DELTA_ITEM, FRAME, HEADER_MANIFEST_ID, HEADER_PROTOCOL, MAX_BATCH_IDS, MAX_DELTA_IDS,
+    STATUS_DELTA, STATUS_OK, STATUS_STALE, STATUS_UNKNOWN,
 )
 
 KiB = 1024

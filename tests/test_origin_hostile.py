@@ -41,10 +41,10 @@ from cas.hashing import ID_SIZE
 from cas.workspace import Workspace
 from pathapi import App, Flow, Work
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource
+from pathapi.wire.client import OriginClient, OriginSource
 from pathapi.errors import AuthenticationError, OriginError, PathapiError
-from pathapi.origin import OriginService
-from pathapi.protocol import (
+from pathapi.wire.origin import OriginService
+from pathapi.wire.protocol import (
     DELTA_HEAD,
     DELTA_ITEM,
     FRAME,
@@ -237,7 +237,7 @@ class Prober(Work):
     """Asks the holder's origin with this run's secret and with ``old_secret``."""
 
     def run(self, old_secret: str | None) -> None:
-        from pathapi.context import current
+        from pathapi.runtime.context import current
 
         ctx = current()
         assert ctx is not None

@@ -36,10 +36,10 @@ from cas import Manifest
 from cas.workspace import Workspace
 from pathapi import App, Flow, Path, Work
 from pathapi.aio import io_loop
-from pathapi.client import OriginClient, OriginSource
+from pathapi.wire.client import OriginClient, OriginSource
 from pathapi.errors import OriginError, OriginUnreachableError
-from pathapi.origin import OriginService
-from pathapi.protocol import HEADER_PROTOCOL
+from pathapi.wire.origin import OriginService
+from pathapi.wire.protocol import HEADER_PROTOCOL
 
 KiB = 1024
 NAME = "root.source"

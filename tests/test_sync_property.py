@@ -39,9 +39,9 @@ from cas.workspace import Workspace
 from pathapi import App, Flow, Path, Work
 from pathapi.aio import io_loop
 from pathapi.artifacts import ArtifactStore
-from pathapi.client import close_sessions
-from pathapi.context import WorkContext, current, set_current
-from pathapi.origin import OriginService
+from pathapi.wire.client import close_sessions
+from pathapi.runtime.context import WorkContext, current, set_current
+from pathapi.wire.origin import OriginService
 from pathapi.transfer import TransferRecord, get
 
 KiB = 1024

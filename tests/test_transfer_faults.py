@@ -53,7 +53,7 @@ def one_file(digest: str) -> Listing:
 
 def _wrap_read_frames(hook: Any) -> None:
     """In an origin's process: run ``hook(service, served)`` before every chunk read batch."""
-    from pathapi.origin import OriginService
+    from pathapi.wire.origin import OriginService
 
     original = getattr(OriginService._read_frames, "_original", OriginService._read_frames)
 

@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .path import LIT, Path
-
-if TYPE_CHECKING:
-    from .runner import WorkHandle
+from ..path import LIT, Path
+from .context import current
 
 
-def public_state(obj: object) -> dict[str, Any]:
-    """The state of a work: its public attributes, other works and flows excluded."""
-    from .flow import Flow
+class RunHandle(Protocol):
+    """What a Work in the flow's process needs of its handle (the runner's end of the work's
+    process): a runner implementation provides at least this (see :mod:`.runner`)."""
 
-    return {
-        k: v for k, v in vars(obj).items()
-        if not k.startswith("_") and not isinstance(v, (Work, Flow))
-    }
+    @property
+    def is_running(self) -> bool: ...
+
+    def call_run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def wait(self, timeout: float | None = None) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def _report_own(work: Work, path: Path) -> None:
     """In a work's process, during its run: tell the flow this work now holds a Path of its
     own, so that ``stop()`` persists it even if the run never returns."""
-    from .context import current
-
     ctx = current()
     if ctx is not None and ctx.in_run and ctx.report_path is not None and path.origin_name == ctx.name:
         ctx.report_path(os.fspath(path))
@@ -42,7 +42,7 @@ class Work:
 
     _name: str | None
     _parallel: bool
-    _handle: WorkHandle | None
+    _handle: RunHandle | None
 
     def __init__(self, *args: Any, parallel: bool = False, **kwargs: Any) -> None:
         object.__setattr__(self, "_name", None)
@@ -72,9 +72,9 @@ class Work:
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, str) and value.startswith(LIT):
             value = Path(value)
-            value._attach_origin(self)
-        elif isinstance(value, Path) and value.origin_name is None and value._origin_work is None:
-            value._attach_origin(self)
+            value.attach_origin(self)
+        elif isinstance(value, Path) and not value.has_origin:
+            value.attach_origin(self)
         object.__setattr__(self, name, value)
         if isinstance(value, Path) and not name.startswith("_"):
             _report_own(self, value)
@@ -97,7 +97,16 @@ class Work:
         return self._parallel
 
     # -- lifecycle, from the flow ------------------------------------------------
-    def _require_handle(self, what: str) -> WorkHandle:
+    # -- set by the runtime (private: a Work's public names are the user's) -----------
+    def _attach(self, name: str) -> None:
+        """Name this work by its attribute path from the root flow."""
+        object.__setattr__(self, "_name", name)
+
+    def _set_handle(self, handle: RunHandle | None) -> None:
+        """While an app runs, ``run`` and friends in the flow's process go to ``handle``."""
+        object.__setattr__(self, "_handle", handle)
+
+    def _require_handle(self, what: str) -> RunHandle:
         handle = self.__dict__.get("_handle")
         if handle is None:
             raise RuntimeError(f"{what}: work {self._name or type(self).__name__} is not running in an app")

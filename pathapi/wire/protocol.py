@@ -32,3 +32,10 @@ STATUS_DELTA = 3  # the payload is a block delta against the base the request de
 MAX_DELTA_IDS = 256
 DELTA_HEAD = struct.Struct("<II")  # block size, chunk count
 DELTA_ITEM = struct.Struct("<32sH")  # chunk id, number of base block digests
+
+#: The routes an origin serves (docs/format.md, "Origin protocol").
+ROUTE_MANIFEST = "/v1/manifest"
+ROUTE_EXISTS = "/v1/exists"
+ROUTE_CHUNKS = "/v1/chunks"
+ROUTE_DELTAS = "/v1/deltas"
+ROUTE_STATS = "/v1/stats"

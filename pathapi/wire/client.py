@@ -10,7 +10,6 @@ Every chunk is decoded and verified against its id here, before anyone writes it
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 from collections import deque
@@ -25,24 +24,33 @@ from cas.compress import decompress
 from cas.errors import ChunkNotFoundError
 from cas.hashing import ChunkId, chunk_id, verify
 
-from .aio import io_loop
-from .errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
+from ..aio import io_loop
+from ..errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
+from ..version import Version
+from .codec import (
+    encode_chunk_request,
+    encode_delta_request,
+    frame_bound,
+    iter_frames,
+    json_field,
+    manifest_version,
+    request_headers,
+    retry_after,
+)
 from .protocol import (
     BATCH_BYTES,
-    DELTA_HEAD,
-    DELTA_ITEM,
-    FRAME,
     HEADER_MANIFEST_ID,
-    HEADER_PROTOCOL,
     HEADER_VERSION,
     MAX_BATCH_IDS,
     MAX_DELTA_IDS,
-    PROTOCOL_VERSION,
+    ROUTE_CHUNKS,
+    ROUTE_DELTAS,
+    ROUTE_EXISTS,
+    ROUTE_MANIFEST,
     STATUS_DELTA,
     STATUS_OK,
     STATUS_STALE,
 )
-from .version import Version
 
 #: Chunk requests in flight at once per transfer.
 IN_FLIGHT = 4
@@ -83,7 +91,7 @@ class OriginClient:
         self.name = name
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self._headers = {"Authorization": f"Bearer {secret}", HEADER_PROTOCOL: PROTOCOL_VERSION}
+        self._headers = request_headers(secret)
 
     def _t(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout)
@@ -106,7 +114,7 @@ class OriginClient:
                     f"origin {self.name!r} at {self.url} is busy: it kept refusing {path} for {self.timeout:g} s "
                     f"(HTTP 503: {_reason(body)}). It serves again once other clients' connections close; "
                     "retry later", self.name)
-            hint = _retry_after(headers)
+            hint = retry_after(headers, BUSY_MAX_WAIT)
             pause = hint if hint is not None else wait
             wait = min(2 * wait, BUSY_MAX_WAIT)
             await asyncio.sleep(min(left, pause * random.uniform(0.75, 1.25)))
@@ -190,7 +198,7 @@ class OriginClient:
     def current(self, rel: str) -> tuple[Manifest | None, Version | None]:
         """The current manifest of ``rel`` at the origin (None if it does not exist there),
         and the version of the origin's run that produced it (None if it said none)."""
-        status, body, headers = self._call("GET", "/v1/manifest", params={"path": rel})
+        status, body, headers = self._call("GET", ROUTE_MANIFEST, params={"path": rel})
         if status == 404:
             return None, None
         if status == 409:
@@ -199,34 +207,38 @@ class OriginClient:
         m = Manifest.decode(body)
         if headers.get(HEADER_MANIFEST_ID) != m.id.hex():
             raise OriginError(f"origin {self.name!r} sent a manifest whose id does not match its header", self.name)
-        stamp = headers.get(HEADER_VERSION)
         try:
-            version = Version.parse(stamp) if stamp is not None else None
+            version = manifest_version(headers)
         except ValueError as e:
             raise OriginError(f"origin {self.name!r} sent a malformed {HEADER_VERSION} header: {e}", self.name) from None
         return m, version
 
     def exists(self, rel: str) -> bool:
-        status, body, _ = self._call("GET", "/v1/exists", params={"path": rel}, limit=_SMALL_ANSWER)
+        status, body, _ = self._call("GET", ROUTE_EXISTS, params={"path": rel}, limit=_SMALL_ANSWER)
         self._check(status, body, repr(rel))
-        try:
-            answer = json.loads(body)["exists"]
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-            answer = None
+        answer = json_field(body, "exists")
         if not isinstance(answer, bool):
             raise OriginError(
                 f"origin {self.name!r} answered exists({rel!r}) with {body[:100]!r}, not {{\"exists\": true|false}}", self.name)
         return answer
 
-    async def _fetch_deltas(self, body: bytes, limit: int | None = None) -> bytes:
-        status, answer, _ = await self._request("POST", "/v1/deltas", limit=limit, data=body)
+    async def fetch_deltas(self, manifest_id: bytes, block: int, wants: list[tuple[ChunkId, bytes]],
+                           limit: int | None = None) -> bytes:
+        """The raw answer (chunk frames) to a delta request: for each (chunk id, block digests
+        of the base held at its place), the chunk as a delta against those blocks or whole.
+        At most ``limit`` bytes are accepted; an expired manifest is StaleManifestError."""
+        body = encode_delta_request(manifest_id, block, wants)
+        status, answer, _ = await self._request("POST", ROUTE_DELTAS, limit=limit, data=body)
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, answer, "chunk deltas")
         return answer
 
-    async def _fetch(self, manifest_id: bytes, ids: list[ChunkId], limit: int | None = None) -> bytes:
-        status, body, _ = await self._request("POST", "/v1/chunks", limit=limit, data=manifest_id + b"".join(ids))
+    async def fetch_chunks(self, manifest_id: bytes, ids: list[ChunkId], limit: int | None = None) -> bytes:
+        """The raw answer (chunk frames) for ``ids`` of the manifest ``manifest_id`` served
+        before. At most ``limit`` bytes are accepted; an expired manifest is StaleManifestError."""
+        data = encode_chunk_request(manifest_id, ids)
+        status, body, _ = await self._request("POST", ROUTE_CHUNKS, limit=limit, data=data)
         if status == 410:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, body, f"{len(ids)} chunks")
@@ -235,21 +247,9 @@ class OriginClient:
 
 def _reason(body: bytes) -> str:
     """The ``error`` an origin's JSON answer gives (else the start of the body as text)."""
-    try:
-        why = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-        why = None
+    why = json_field(body, "error")
     text = why if isinstance(why, str) else body[:300].decode(errors="replace")
     return text[:300] or "no reason given"
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """A ``Retry-After`` of whole seconds, bounded to [0, BUSY_MAX_WAIT] (None without one:
-    an HTTP date or garbage counts as none)."""
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), "").strip()
-    if not (value.isascii() and value.isdigit()) or len(value) > 6:
-        return None
-    return min(float(value), BUSY_MAX_WAIT)
 
 
 def _read_base(where: tuple[str, int], n: int) -> bytes:
@@ -331,11 +331,12 @@ class OriginSource:
                 # An answer can hold no more than its frames (a payload is at most the plain
                 # length, a delta's at most what _decode accepts): more is refused unread.
                 if as_delta:
-                    limit = sum(FRAME.size + 2 * self._sizes[c] + 64 for c in batch) + _SMALL_ANSWER
-                    fut = loop.submit(self.client._fetch_deltas(self._delta_request(batch, bases), limit))
+                    limit = sum(frame_bound(2 * self._sizes[c] + 64) for c in batch) + _SMALL_ANSWER
+                    fut = loop.submit(self.client.fetch_deltas(self.manifest.id, delta.BLOCK_SIZE,
+                                                               self._delta_wants(batch, bases), limit))
                 else:
-                    limit = sum(FRAME.size + self._sizes[c] for c in batch) + _SMALL_ANSWER
-                    fut = loop.submit(self.client._fetch(self.manifest.id, batch, limit))
+                    limit = sum(frame_bound(self._sizes[c]) for c in batch) + _SMALL_ANSWER
+                    fut = loop.submit(self.client.fetch_chunks(self.manifest.id, batch, limit))
                 pending.append((batch, fut))
                 if len(pending) < IN_FLIGHT:
                     continue
@@ -346,13 +347,9 @@ class OriginSource:
             for _, f in pending:
                 f.cancel()
 
-    def _delta_request(self, batch: list[ChunkId], bases: Mapping[ChunkId, tuple[str, int]]) -> bytes:
-        out = [self.manifest.id, DELTA_HEAD.pack(delta.BLOCK_SIZE, len(batch))]
-        for cid in batch:
-            digests = delta.block_digests(_read_base(bases[cid], self._sizes[cid]))
-            out.append(DELTA_ITEM.pack(cid, len(digests) // delta.DIGEST_SIZE))
-            out.append(digests)
-        return b"".join(out)
+    def _delta_wants(self, batch: list[ChunkId], bases: Mapping[ChunkId, tuple[str, int]]) -> list[tuple[ChunkId, bytes]]:
+        """(chunk id, block digests of the bytes now at its base) for each of ``batch``."""
+        return [(cid, delta.block_digests(_read_base(bases[cid], self._sizes[cid]))) for cid in batch]
 
     def _next(self, pending: deque[tuple[list[ChunkId], Future[bytes]]]) -> tuple[list[ChunkId], bytes]:
         batch, fut = pending.popleft()
@@ -361,24 +358,25 @@ class OriginSource:
     def _decode(
         self, batch: list[ChunkId], body: bytes, bases: Mapping[ChunkId, tuple[str, int]], retry: list[ChunkId]
     ) -> Iterator[tuple[ChunkId, bytes | memoryview]]:
-        mv = memoryview(body)
-        pos = 0
         want = set(batch)
-        while pos < len(mv):
-            if pos + FRAME.size > len(mv):
-                raise OriginError(f"{self.location} sent a truncated chunk frame", self.client.name)
-            status, codec, cid, raw, stored = FRAME.unpack_from(mv, pos)
-            pos += FRAME.size
+        frames = iter_frames(body)
+        while True:
+            try:
+                f = next(frames, None)
+            except ValueError:
+                raise OriginError(f"{self.location} sent a truncated chunk frame", self.client.name) from None
+            if f is None:
+                break
+            status, codec, cid, raw, stored = f.status, f.codec, f.cid, f.raw, f.stored
             if cid not in want:
                 raise OriginError(f"{self.location} sent chunk {cid.hex()}, which was not asked for", self.client.name)
             if status == STATUS_STALE:
                 raise StaleManifestError(f"a file changed at {self.location} after its manifest was taken", self.client.name)
             if status not in (STATUS_OK, STATUS_DELTA) or (status == STATUS_DELTA and cid not in bases):
                 raise OriginError(f"{self.location} does not know chunk {cid.hex()}", self.client.name)
-            if pos + stored > len(mv) or (status == STATUS_OK and raw != self._sizes[cid]) or raw > 2 * self._sizes[cid] + 64:
+            if not f.complete or (status == STATUS_OK and raw != self._sizes[cid]) or raw > 2 * self._sizes[cid] + 64:
                 raise OriginError(f"{self.location} sent a malformed frame for chunk {cid.hex()}", self.client.name)
-            data = decompress(codec, mv[pos : pos + stored], raw, cid.hex())
-            pos += stored
+            data = decompress(codec, f.payload, raw, cid.hex())
             want.discard(cid)
             if status == STATUS_DELTA:
                 try:

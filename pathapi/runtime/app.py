@@ -13,9 +13,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import WorkError
-from .flow import Flow, walk_works
-from .runner import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE, AppConfig, WorkHandle
+from ..errors import WorkError
+from .flow import Flow
+from .process import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE, LocalProcessRunner
+from .runner import AppConfig, Runner, WorkHandle
+from .state import walk_works
+from .work import Work
 
 DEFAULT_TIMEOUT = float(os.environ.get("PATHAPI_TIMEOUT", "30"))
 
@@ -24,22 +27,42 @@ class App:
     """``App(flow, root=None, store=None).run()``; ``root`` defaults to ``./.pathapi``.
 
     ``timeout`` bounds every wait on another work's origin (seconds); ``host`` is the address
-    origin services bind to (loopback unless configured).
+    origin services bind to (loopback unless configured); ``runner`` runs the works (each
+    in a local process unless given).
     """
 
     def __init__(self, flow: Flow, root: str | os.PathLike[str] | None = None, store: str | os.PathLike[str] | None = None,
-                 *, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", start_timeout: float = 120.0) -> None:
+                 *, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", start_timeout: float = 120.0,
+                 runner: Runner | None = None) -> None:
         self.flow = flow
         self.root = os.path.abspath(os.fspath(root) if root is not None else ".pathapi")
         self.store = _store_location(store)
         self.timeout = timeout
         self.host = host
         self.start_timeout = start_timeout
+        self.runner: Runner = runner if runner is not None else LocalProcessRunner()
         self.handles: dict[str, WorkHandle] = {}
+        self._secret: str | None = None
 
     def _registry(self) -> dict[str, str | None]:
         # A work that stopped or died serves nothing: its Paths come from the artifact store.
-        return {name: (None if h.stopped or not h.process.is_alive() else h.url) for name, h in self.handles.items()}
+        return {name: (h.url if h.serving else None) for name, h in self.handles.items()}
+
+    def handle(self, work: Work) -> WorkHandle:
+        """The runner's handle of ``work`` while the app runs (its origin ``url``, its ``pid``):
+        for tools such as the benchmarks that watch a work from the flow. KeyError if
+        ``work`` is not one of this app's running works."""
+        if work.name is None or work.name not in self.handles:
+            raise KeyError(f"{work!r} is not a work of this app's run")
+        return self.handles[work.name]
+
+    @property
+    def secret(self) -> str:
+        """The secret of the current run (every origin request carries it); RuntimeError
+        before the app runs."""
+        if self._secret is None:
+            raise RuntimeError("the app has not started: it has no secret yet")
+        return self._secret
 
     def run(self) -> Any:
         """Start the works, run the flow once, stop the works (persisting their Paths).
@@ -59,11 +82,11 @@ class App:
             if id(w) in seen:
                 raise ValueError(f"the same work object is attached twice: {seen[id(w)]} and {name}")
             seen[id(w)] = name
-            object.__setattr__(w, "_name", name)
-        config = AppConfig(self.root, self.store, secrets.token_urlsafe(32), self.timeout, self.host,
-                           app_run=time.time_ns())
+            w._attach(name)
+        self._secret = secrets.token_urlsafe(32)
+        config = AppConfig(self.root, self.store, self._secret, self.timeout, self.host, app_run=time.time_ns())
         os.makedirs(self.root, exist_ok=True)
-        self.handles = {name: WorkHandle(w, name, config, self._registry) for name, w in works}
+        self.handles = {name: self.runner.handle(w, name, config, self._registry) for name, w in works}
         with _sigterm_as_interrupt():
             try:
                 for h in self.handles.values():
@@ -71,13 +94,13 @@ class App:
                 for h in self.handles.values():
                     h.wait_ready(self.start_timeout)
                 for name, w in works:
-                    object.__setattr__(w, "_handle", self.handles[name])
+                    w._set_handle(self.handles[name])
                 result = self.flow.run()
             finally:
                 for h in self.handles.values():
                     h.stop()
                 for _, w in works:
-                    object.__setattr__(w, "_handle", None)
+                    w._set_handle(None)
         errors = [e for e in (h.unobserved_error() for h in self.handles.values()) if e is not None]
         if errors:
             raise _combined(errors)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from cas.workspace import Workspace
 
-from .artifacts import ArtifactStore
-from .version import UNKNOWN, Version
+from ..artifacts import ArtifactStore
+from ..version import UNKNOWN, Version
 
 
 @dataclass

@@ -17,7 +17,6 @@ import asyncio
 import errno
 import functools
 import hmac
-import json
 import os
 import resource
 import stat
@@ -36,29 +35,31 @@ from cas.chunking import iter_chunk_spans
 from cas.compress import decompress, maybe_compress
 from cas.errors import FileChangedError, SnapshotError, UnsafePathError
 from cas.fsutil import open_beneath
-from cas.hashing import ID_SIZE, chunk_id
+from cas.hashing import chunk_id
 from cas.manifest import MAX_NAME_BYTES
 from cas.workspace import Workspace
 
-from .chunkcache import Frame, FrameCache, PriorityGate
-from .errors import PathapiError
+from ..chunkcache import Frame, FrameCache, PriorityGate
+from ..paths import PathOutsideRootError, resolve_under
+from ..version import Version
+from . import codec
+from .codec import decode_chunk_request, decode_delta_request, frame_head
 from .protocol import (
-    DELTA_HEAD,
-    DELTA_ITEM,
-    FRAME,
-    HEADER_MANIFEST_ID,
     HEADER_PROTOCOL,
-    HEADER_VERSION,
     MAX_ANSWER_BYTES,
     MAX_BATCH_IDS,
     MAX_DELTA_IDS,
     PROTOCOL_VERSION,
+    ROUTE_CHUNKS,
+    ROUTE_DELTAS,
+    ROUTE_EXISTS,
+    ROUTE_MANIFEST,
+    ROUTE_STATS,
     STATUS_DELTA,
     STATUS_OK,
     STATUS_STALE,
     STATUS_UNKNOWN,
 )
-from .version import Version
 
 #: Manifests kept for consumers still fetching one (older ones answer 410: ask again), and
 #: the chunk locations they may hold in all beyond the newest two: a manifest of 100k small
@@ -115,14 +116,8 @@ _NOTHING_THERE = {errno.ENOENT: "does not exist", errno.ENOTDIR: "does not exist
 
 
 def busy_answer(reason: str, retry_after: int = BUSY_RETRY_AFTER) -> bytes:
-    """The raw 503 answer of a connection refused for want of a slot: the reason as JSON
-    ``{"error": ...}`` in the body and a ``Retry-After`` header (docs/format.md)."""
-    body = json.dumps({"error": reason}).encode()
-    return (
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        + f"Retry-After: {retry_after}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-        + body
-    )
+    """The raw 503 answer of a connection refused for want of a slot (see codec.busy_answer)."""
+    return codec.busy_answer(reason, retry_after)
 
 
 class _Busy(asyncio.Protocol):
@@ -317,31 +312,6 @@ class _Slots:
             _shut(transport, answer)
 
 
-def _parse_delta_request(body: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
-    """(manifest id, block size, [(chunk id, base digests)]) of a /v1/deltas body."""
-    if len(body) < ID_SIZE + DELTA_HEAD.size:
-        raise ValueError("truncated header")
-    block, count = DELTA_HEAD.unpack_from(body, ID_SIZE)
-    if block < 4096 or block > (1 << 20) or block & (block - 1):
-        raise ValueError(f"block size {block} is not a power of two in [4 KiB, 1 MiB]")
-    if count > MAX_DELTA_IDS:
-        raise ValueError(f"{count} chunks (at most {MAX_DELTA_IDS})")
-    pos = ID_SIZE + DELTA_HEAD.size
-    wants: list[tuple[bytes, bytes]] = []
-    for _ in range(count):
-        if pos + DELTA_ITEM.size > len(body):
-            raise ValueError("truncated entry")
-        cid, n = DELTA_ITEM.unpack_from(body, pos)
-        pos += DELTA_ITEM.size
-        if n * delta.DIGEST_SIZE + pos > len(body):
-            raise ValueError("truncated digests")
-        wants.append((cid, body[pos : pos + n * delta.DIGEST_SIZE]))
-        pos += n * delta.DIGEST_SIZE
-    if pos != len(body):
-        raise ValueError(f"{len(body) - pos} trailing bytes")
-    return body[:ID_SIZE], block, wants
-
-
 def _rank(served: _Served, ids: list[bytes]) -> int:
     """Where an answer's chunks lie in the manifest's order: its first known chunk's rank."""
     for cid in ids:
@@ -349,26 +319,6 @@ def _rank(served: _Served, ids: list[bytes]) -> int:
         if loc is not None:
             return loc[3]
     return 0
-
-
-class PathOutsideRootError(PathapiError, ValueError):
-    """A request named a path that is not inside the origin's root."""
-
-
-def resolve_under(root: str, rel: str) -> str:
-    """The absolute path of ``rel`` inside ``root``; refuses anything that leaves ``root``
-    (absolute paths, ``..``, NULs, or symlinks that resolve outside)."""
-    if not rel or "\x00" in rel or rel.startswith("/") or "\\" in rel:
-        raise PathOutsideRootError(f"path {rel!r} is not a relative path inside the work's root")
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise PathOutsideRootError(f"path {rel!r} has a '..' component")
-    real_root = os.path.realpath(root)
-    full = os.path.join(real_root, *parts) if parts else real_root
-    real = os.path.realpath(full)
-    if real != real_root and not real.startswith(real_root + os.sep):
-        raise PathOutsideRootError(f"path {rel!r} resolves outside the work's root")
-    return full
 
 
 @dataclass
@@ -417,11 +367,11 @@ class OriginService:
     async def start(self, port: int = 0) -> str:
         self._answers = PriorityGate(MAX_ANSWERS)
         app = web.Application(middlewares=[self._auth], client_max_size=1 << 20)
-        app.router.add_get("/v1/manifest", self._manifest)
-        app.router.add_get("/v1/exists", self._exists)
-        app.router.add_post("/v1/chunks", self._chunks)
-        app.router.add_post("/v1/deltas", self._deltas)
-        app.router.add_get("/v1/stats", self._stats)
+        app.router.add_get(ROUTE_MANIFEST, self._manifest)
+        app.router.add_get(ROUTE_EXISTS, self._exists)
+        app.router.add_post(ROUTE_CHUNKS, self._chunks)
+        app.router.add_post(ROUTE_DELTAS, self._deltas)
+        app.router.add_get(ROUTE_STATS, self._stats)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, keepalive_timeout=self.idle_timeout,
             max_line_size=MAX_REQUEST_LINE, max_field_size=MAX_HEADER_FIELD, max_headers=MAX_HEADERS,
@@ -457,9 +407,7 @@ class OriginService:
     # -- middleware --------------------------------------------------------------
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        got = request.headers.get("Authorization", "")
-        # Header bytes that are not UTF-8 arrive as surrogates: compared as sent, never a 500.
-        token = got[7:].encode("utf-8", "surrogateescape") if got.startswith("Bearer ") else b""
+        token = codec.bearer_token(request.headers.get("Authorization", ""))
         conn = request.protocol
         self.slots.saw_request(conn)
         if not hmac.compare_digest(token, self.secret):
@@ -565,7 +513,7 @@ class OriginService:
         loop = asyncio.get_running_loop()
         # Read before the snapshot: a run that ends meanwhile makes the stamp older than the
         # tree, never newer (a consumer then treats what it got as older, the safe side).
-        stamp = {HEADER_VERSION: str(self.version())} if self.version is not None else {}
+        version = self.version() if self.version is not None else None
         try:
             m = await loop.run_in_executor(self._pool, self.workspace.snapshot, where)
         except FileNotFoundError:
@@ -578,7 +526,7 @@ class OriginService:
             return web.json_response({"error": str(e)}, status=500)
         self._remember(m, where)
         return web.Response(body=m.encode(), content_type="application/octet-stream",
-                            headers={HEADER_MANIFEST_ID: m.id.hex(), **stamp})
+                            headers=codec.manifest_headers(m.id, version))
 
     def _remember(self, m: Manifest, base: str) -> None:
         """Keep where ``m``'s chunks lie: in the files under ``base``, the link-free place
@@ -606,12 +554,13 @@ class OriginService:
 
     async def _chunks(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        if len(body) < ID_SIZE or (len(body) - ID_SIZE) % ID_SIZE:
-            return web.json_response({"error": "body must be a manifest id and chunk ids, 32 bytes each"}, status=400)
-        ids = [body[i : i + ID_SIZE] for i in range(ID_SIZE, len(body), ID_SIZE)]
+        try:
+            manifest_id, ids = decode_chunk_request(body)
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
         if len(ids) > MAX_BATCH_IDS:
             return web.json_response({"error": f"at most {MAX_BATCH_IDS} ids per request"}, status=413)
-        served = self._served.get(body[:ID_SIZE])
+        served = self._served.get(manifest_id)
         if served is None:
             return web.json_response({"error": "unknown manifest (expired or never served): ask for a new one"}, status=410)
         too_big = self._too_big(served, ids)
@@ -622,7 +571,7 @@ class OriginService:
     async def _deltas(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         try:
-            manifest_id, block, wants = _parse_delta_request(body)
+            manifest_id, block, wants = decode_delta_request(body)
         except ValueError as e:
             return web.json_response({"error": f"bad delta request: {e}"}, status=400)
         if len(wants) > MAX_DELTA_IDS:
@@ -672,11 +621,11 @@ class OriginService:
             for cid in ids:
                 loc = served.where.get(cid)
                 if loc is None:
-                    out.append(FRAME.pack(STATUS_UNKNOWN, 0, cid, 0, 0))
+                    out.append(frame_head(STATUS_UNKNOWN, 0, cid, 0, 0))
                     continue
                 frame = self.cache.get_or_load(cid, functools.partial(self._load, fds, cid, loc))
                 if frame is None:
-                    out.append(FRAME.pack(STATUS_STALE, 0, cid, 0, 0))
+                    out.append(frame_head(STATUS_STALE, 0, cid, 0, 0))
                     continue
                 payload: bytes | memoryview = frame.payload
                 status, codec, raw = STATUS_OK, frame.codec, frame.raw_len
@@ -686,7 +635,7 @@ class OriginService:
                     if body is not None:
                         status, raw = STATUS_DELTA, len(body)  # plain length of what is sent
                         codec, payload = maybe_compress(body)
-                out.append(FRAME.pack(status, codec, cid, raw, len(payload)))
+                out.append(frame_head(status, codec, cid, raw, len(payload)))
                 out.append(payload)
         finally:
             for fd in fds.values():
