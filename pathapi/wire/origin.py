@@ -223,7 +223,7 @@ class _Slots:
       request reached the service on it yet) and takes its place: idle or hostile clients
       that never present the secret cannot keep a consumer out, however many they open;
     - only when all ``cap`` slots are trusted is a new connection answered 503, with the
-      reason and ``Retry-After``; the client retries (pathapi.client).
+      reason and ``Retry-After``; the client retries (pathapi.wire.client).
     """
 
     def __init__(self, name: str, cap: int, reserved: int, header_timeout: float) -> None:
