@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import random
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3server import SeaweedServer
-from test_gc import Child, all_readable, write_tree
-from test_store_s3 import BUCKET, aws_env
+from s3server import SeaweedServer, aws_env
+from test_gc import Child, all_readable, random_files
+from test_store_s3 import BUCKET
+from trees import write_tree
 
 from cas.errors import StoreBusyError
 from cas.workspace import Workspace
@@ -33,9 +35,10 @@ def test_gc_on_s3_deletes_the_chunks_of_replaced_versions_only(url: str, tmp_pat
     with Workspace(tmp_path / "ws") as ws:
         versions = []
         for seed in range(3):
-            write_tree(tree, random.Random(seed))
+            shutil.rmtree(tree, ignore_errors=True)
+            write_tree(tree, random_files(random.Random(seed)))
             versions.append(store.persist("w", "ckpt", str(tree), ws, version=Version(1, 1, Version.ENDED)))
-        write_tree(tmp_path / "other", random.Random(99))
+        write_tree(tmp_path / "other", random_files(random.Random(99)))
         other = store.persist("w", "other", str(tmp_path / "other"), ws, version=Version(1, 1, Version.ENDED))
     assert other is not None and all(versions)
     live = versions[-1].chunk_ids() | other.chunk_ids()  # type: ignore[union-attr]
@@ -54,7 +57,7 @@ def test_gc_on_s3_deletes_the_chunks_of_replaced_versions_only(url: str, tmp_pat
 
 def test_gc_on_s3_is_refused_while_a_process_holds_a_persist_lease(url: str, tmp_path: Path) -> None:
     store = ArtifactStore.open(url, tmp_path)
-    write_tree(tmp_path / "t", random.Random(5))
+    write_tree(tmp_path / "t", random_files(random.Random(5)))
     with Workspace(tmp_path / "ws") as ws:
         store.persist("w", "t", str(tmp_path / "t"), ws, version=Version(1, 1, Version.ENDED))
     store.refs.delete("w/t")  # its chunks are garbage now
