@@ -111,6 +111,10 @@ class BadStoreUrlError(StoreError, ValueError):
     """A store URL no repository can be opened from (an unknown scheme, a malformed S3 URL)."""
 
 
+class BadRefNameError(CasError, ValueError):
+    """A ref name no ref store takes: not a string, or empty."""
+
+
 class GcError(StoreError):
     """Garbage collection refused to delete: the live set could not be read in full."""
 

@@ -22,7 +22,7 @@ from .hashing import ChunkId
 from .leases import Leases
 from .manifest import Manifest
 from .store.base import ChunkStore
-from .store.local import CompactStats
+from .store.pack import Compactable, CompactStats
 from .store.refs import RefStore
 
 _DELETE_BATCH = 1000
@@ -104,8 +104,8 @@ def collect_garbage(
             return report
         for batch in _batches(garbage, _DELETE_BATCH):
             report.deleted_chunks += chunks.delete_many(batch)
-        if compact and callable(getattr(chunks, "compact", None)):
-            report.compaction = chunks.compact(min_garbage=min_garbage)  # type: ignore[attr-defined]
+        if compact and isinstance(chunks, Compactable):
+            report.compaction = chunks.compact(min_garbage=min_garbage)
     return report
 
 

@@ -1,9 +1,13 @@
-"""The chunk-store conformance suite: the executable specification of :class:`ChunkStore`.
+"""The store conformance suites: the executable specification of :class:`ChunkStore` and
+:class:`RefStore`.
 
 Every backend's test module subclasses :class:`ChunkStoreTests` and supplies only how to
 build a store (a pytest fixture named ``store``), and, where the backend can, how to reopen
 it on the same backing data and how to flip one stored byte. A new backend gets the whole
 suite for free, and a behaviour the suite does not check is not part of the contract.
+
+:class:`RefStoreTests` does the same for ref stores: one rule for names (a non-empty string,
+anything else BadRefNameError), atomic replacement, prefix listing, durability across reopen.
 
 :class:`ChunkStoreStateMachine` drives a store and a plain ``dict`` side by side through
 random puts, deletes, gets, membership tests and reopens, and compares them after every step.
@@ -24,13 +28,16 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
 
-from .errors import ChunkCorruptError, ChunkNotFoundError
+from .errors import BadRefNameError, ChunkCorruptError, ChunkNotFoundError, StoreError
 from .hashing import ChunkId, chunk_id
 from .store.base import ChunkStore
+from .store.refs import RefStore
 
 __all__ = [
     "ChunkStoreStateMachine",
     "ChunkStoreTests",
+    "REF_NAMES",
+    "RefStoreTests",
     "chunk",
     "compressible_bytes",
     "flip_one_byte",
@@ -465,6 +472,167 @@ class ChunkStoreTests:
     def test_repr_names_the_store_location(self, store: ChunkStore) -> None:
         assert store.location
         assert store.location in repr(store)
+
+    def test_a_closed_store_refuses_every_call_and_closes_again_quietly(self, store: ChunkStore) -> None:
+        c = chunk(b"before close")
+        store.put_many([c])
+        store.close()
+        store.close()
+        calls: list[Callable[[], object]] = [
+            lambda: store.has_many([c[0]]),
+            lambda: list(store.get_many([c[0]])),
+            lambda: store.put_many([chunk(b"after close")]),
+            lambda: list(store.iter_ids()),
+            lambda: store.delete_many([c[0]]),
+        ]
+        for call in calls:
+            with pytest.raises(StoreError, match="closed"):
+                call()
+
+
+#: Names a ref store must keep apart and list by prefix: path-like, dotted, escaped-looking,
+#: non-ASCII, surrogate-escaped (bytes of a non-UTF-8 file name) and longer than a key.
+REF_NAMES = [
+    "root.source/outputs/ckpt",
+    "root.source/outputs/ckpt/inner",
+    "root.source/outputs/ckpt2",
+    ".hidden",
+    "..",
+    "a//b/./c/../d/",
+    "spaces and %41 percent",
+    "\u00fcn\u00efc\u00f8d\u00e9/\u540d\u524d",
+    "surrogate-\udcff-escaped",
+    "x" * 1500,
+    "shared/0123456789abcdef",
+]
+
+
+class RefStoreTests:
+    """Tests every :class:`RefStore` passes. Subclass it in a backend's test module.
+
+    A subclass supplies a pytest fixture ``refs`` yielding a fresh, empty ref store (and
+    closing it afterwards), and :meth:`reopen`: a new store object on the same backing data.
+    """
+
+    @pytest.fixture
+    def refs(self) -> Iterator[RefStore]:
+        """A fresh, empty ref store; every backend module overrides this fixture."""
+        raise NotImplementedError(f"{type(self).__name__} must define a `refs` fixture")
+        yield  # pragma: no cover
+
+    def reopen(self, refs: RefStore) -> RefStore:
+        """A new ref store object on ``refs``' backing data."""
+        raise NotImplementedError
+
+    def test_an_empty_store_has_no_names_and_no_values(self, refs: RefStore) -> None:
+        assert list(refs.names()) == []
+        assert refs.get("never put") is None
+        assert refs.delete("never put") is False
+
+    def test_put_get_replace_and_delete(self, refs: RefStore) -> None:
+        for i, name in enumerate(REF_NAMES):
+            refs.put(name, f"value {i}".encode() + bytes(range(256)))
+        for i, name in enumerate(REF_NAMES):
+            assert refs.get(name) == f"value {i}".encode() + bytes(range(256))
+        refs.put(REF_NAMES[0], b"")
+        assert refs.get(REF_NAMES[0]) == b""
+        assert refs.delete(REF_NAMES[1]) is True
+        assert refs.delete(REF_NAMES[1]) is False
+        assert refs.get(REF_NAMES[1]) is None
+        assert refs.get(REF_NAMES[2]) == b"value 2" + bytes(range(256))
+
+    def test_values_of_any_buffer_type_come_back_as_bytes(self, refs: RefStore) -> None:
+        refs.put("a", bytearray(b"from a bytearray"))
+        refs.put("b", memoryview(b"from a memoryview"))
+        refs.put("big", random_bytes(1 << 20))
+        assert refs.get("a") == b"from a bytearray" and type(refs.get("a")) is bytes
+        assert refs.get("b") == b"from a memoryview"
+        assert refs.get("big") == random_bytes(1 << 20)
+
+    def test_names_lists_exactly_the_names_with_a_prefix(self, refs: RefStore) -> None:
+        for name in REF_NAMES:
+            refs.put(name, b"v")
+        assert sorted(refs.names()) == sorted(REF_NAMES)
+        assert sorted(refs.names("root.source/outputs/ckpt")) == sorted(REF_NAMES[:3])
+        assert sorted(refs.names("root.source/outputs/ckpt/")) == [REF_NAMES[1]]
+        assert sorted(refs.names(".")) == sorted([".hidden", ".."])
+        assert list(refs.names("xxx")) == ["x" * 1500]
+        assert list(refs.names("shared/")) == ["shared/0123456789abcdef"]
+        assert list(refs.names("nothing")) == []
+        refs.delete("..")
+        assert list(refs.names(".")) == [".hidden"]
+
+    @pytest.mark.parametrize("name", ["", None, b"bytes", 7])
+    def test_a_name_that_is_not_a_non_empty_str_raises_bad_ref_name(self, refs: RefStore, name: object) -> None:
+        for call in (lambda: refs.put(name, b"x"), lambda: refs.get(name), lambda: refs.delete(name)):  # type: ignore[arg-type]
+            with pytest.raises(BadRefNameError):
+                call()
+        with pytest.raises(BadRefNameError):
+            list(refs.names(b"prefix"))  # type: ignore[arg-type]
+        assert list(refs.names()) == []  # nothing was written under any spelling of it
+
+    def test_refs_survive_reopen(self, refs: RefStore) -> None:
+        for name in REF_NAMES:
+            refs.put(name, name.encode("utf-8", "surrogateescape"))
+        refs.delete(REF_NAMES[0])
+        again = self.reopen(refs)
+        try:
+            assert sorted(again.names()) == sorted(REF_NAMES[1:])
+            for name in REF_NAMES[1:]:
+                assert again.get(name) == name.encode("utf-8", "surrogateescape")
+        finally:
+            again.close()
+
+    def test_concurrent_replacements_are_seen_whole(self, refs: RefStore) -> None:
+        values = [bytes([i]) * (64 << 10) for i in range(4)]
+        refs.put("hot", values[0])
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def reader() -> None:
+            while not done.is_set():
+                try:
+                    assert refs.get("hot") in values
+                except BaseException as e:  # reported after join
+                    errors.append(e)
+                    return
+
+        def writer(seed: int) -> None:
+            try:
+                for k in range(10):
+                    refs.put("hot", values[(seed + k) % len(values)])
+            except BaseException as e:
+                errors.append(e)
+
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for t in readers:
+            t.start()
+        try:
+            _run_threads(writer, range(3))
+        finally:
+            done.set()
+            for t in readers:
+                t.join()
+        assert errors == []
+        assert refs.get("hot") in values
+
+    def test_a_closed_store_refuses_every_call_and_closes_again_quietly(self, refs: RefStore) -> None:
+        refs.put("kept", b"v")
+        refs.close()
+        refs.close()
+        calls: list[Callable[[], object]] = [
+            lambda: refs.get("kept"),
+            lambda: refs.put("kept", b"w"),
+            lambda: refs.delete("kept"),
+            lambda: list(refs.names()),
+        ]
+        for call in calls:
+            with pytest.raises(StoreError, match="closed"):
+                call()
+
+    def test_repr_names_the_store_location(self, refs: RefStore) -> None:
+        assert refs.location
+        assert refs.location in repr(refs)
 
 
 def _run_threads(target: Callable[[int], None], seeds: Iterable[int]) -> None:

@@ -100,7 +100,7 @@ def _store_arg(value: str, flag: str = "--store") -> str:
     its own). UsageError, before any work starts, for a URL no store reads (each work would
     fail to start with it, reporting the same error once per work)."""
     if value.startswith("s3://"):
-        from cas.store.s3bucket import parse_url
+        from cas.store.s3.bucket import parse_url
 
         try:
             parse_url(value)

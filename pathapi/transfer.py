@@ -20,7 +20,7 @@ from typing import Protocol
 from cas import Manifest
 from cas.errors import CasError, ChunkNotFoundError
 from cas.hashing import ChunkId
-from cas.store.base import ChunkSource, Payload
+from cas.store.base import ChunkSource, DeltaSource, Payload
 
 from .errors import OlderVersionError, OriginUnreachableError, StaleManifestError, transfer_error
 from .held import HeldVersions
@@ -90,7 +90,7 @@ class _Counting:
 
     @property
     def accepts_bases(self) -> bool:
-        return bool(getattr(self.inner, "accepts_bases", False))
+        return isinstance(self.inner, DeltaSource) and self.inner.accepts_bases
 
     def get_many(self, ids: Iterable[ChunkId],
                  bases: Mapping[ChunkId, tuple[str, int]] | None = None) -> Iterator[tuple[ChunkId, Payload]]:

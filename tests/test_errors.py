@@ -17,6 +17,7 @@ from pathlib import Path as FsPath
 import pytest
 
 from cas.errors import (
+    BadRefNameError,
     BadStoreUrlError,
     CasError,
     ChunkCorruptError,
@@ -33,7 +34,7 @@ from cas.errors import (
     UnsafePathError,
     UnsupportedVersionError,
 )
-from cas.store.s3bucket import S3AccessDeniedError
+from cas.store.s3.bucket import S3AccessDeniedError
 from cas.workspace import Workspace
 from pathapi import Path
 from pathapi.artifacts import ArtifactStore, SubPathError
@@ -66,6 +67,7 @@ BUILTINS: dict[type[LocatedError], tuple[type[Exception], ...]] = {
     ChunkNotFoundError: (FileNotFoundError, OSError),
     StoreError: (OSError,),
     BadStoreUrlError: (OSError, ValueError),
+    BadRefNameError: (ValueError,),
     StoreBusyError: (OSError,),
     GcError: (OSError,),
     S3AccessDeniedError: (PermissionError, OSError),

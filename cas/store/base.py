@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol, runtime_checkable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol, runtime_checkable
 
+from ..errors import StoreError
 from ..hashing import ChunkId
 
 Payload = bytes | bytearray | memoryview
@@ -48,7 +50,47 @@ class DeltaSource(Protocol):
                  bases: Mapping[ChunkId, tuple[str, int]] | None = None) -> Iterator[tuple[ChunkId, Payload]]: ...
 
 
-class ChunkStore(ABC):
+class Closable:
+    """The closed state every store has, written once: ``close`` is idempotent and takes the
+    store's lock (so it never pulls files from under a write in progress), and every method of
+    a closed store raises StoreError saying so (an implementation calls :meth:`_ensure_open`
+    first). A store that holds files or connections frees them in :meth:`_release`."""
+
+    #: Where the store lives, for messages (a folder, a bucket URL).
+    location: str = ""
+    #: What the store holds, for messages ("chunk store", "ref store").
+    kind: str = "store"
+    _closed: bool = False
+    #: Held by every call that changes the store; ``close`` takes it too. Stores with state
+    #: to guard set their own lock here.
+    _lock: AbstractContextManager[Any] = nullcontext()
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.kind} {self.location} is closed", self.location)
+
+    def _release(self) -> None:
+        """Free the store's files and connections; called once, by the first ``close``."""
+
+    def close(self) -> None:
+        """Release files and connections; later calls of any method raise StoreError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+
+class ChunkStore(Closable, ABC):
     """A place where chunks rest, named by their id.
 
     Guarantees every implementation keeps (and the conformance suite checks):
@@ -62,8 +104,7 @@ class ChunkStore(ABC):
 
     #: Whether ``delete_many`` removes chunks (a read-only mirror might not).
     supports_deletes: bool = True
-    #: Where the store lives, for messages (a folder, a bucket URL).
-    location: str = ""
+    kind = "chunk store"
 
     @abstractmethod
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
@@ -84,15 +125,3 @@ class ChunkStore(ABC):
     @abstractmethod
     def delete_many(self, ids: Iterable[ChunkId]) -> int:
         """Remove chunks; the number that were present. Absent ids are ignored."""
-
-    def close(self) -> None:  # noqa: B027  (optional to override: most stores hold nothing)
-        """Release files and connections. The default does nothing."""
-
-    def __enter__(self) -> ChunkStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.location!r})"

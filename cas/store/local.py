@@ -4,7 +4,7 @@ Layout (specified in docs/format.md, "Local chunk store")::
 
     <root>/FORMAT            "cas-chunkstore 1"
     <root>/index/            LMDB: chunk id -> (pack, offset, stored length, raw length, codec)
-    <root>/packs/<16 hex>.pack   records: 44-byte header (magic, codec, lengths, id) + payload
+    <root>/packs/<16 hex>.pack   records (cas.store.pack): 44-byte header + payload
 
 LMDB holds only small records (it fragments with 1 MiB values); bytes live in packs.
 
@@ -21,51 +21,27 @@ import fcntl
 import os
 import secrets
 import struct
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 
-from ..compress import decompress, maybe_compress
-from ..errors import (
-    ChunkCorruptError,
-    ChunkNotFoundError,
-    StoreError,
-    UnsupportedVersionError,
-)
+from ..errors import ChunkCorruptError, ChunkNotFoundError, StoreError, UnsupportedVersionError
 from ..fsutil import fsync_dir
-from ..hashing import ID_SIZE, ChunkId, verify
-from .base import ChunkStore, Payload
+from ..hashing import ChunkId
+from .base import Payload
+from .pack import MOVED_RETRIES, RECORD, CompactStats, PackedChunkStore, encode_record, read_record, record_size
+
+__all__ = ["FORMAT_TEXT", "INDEX", "RECORD", "CompactStats", "LocalChunkStore"]
 
 FORMAT_TEXT = "cas-chunkstore 1\n"
-RECORD = struct.Struct("<2sBBII32s")  # magic, codec, reserved, stored length, raw length, id
-RECORD_MAGIC = b"CK"
 INDEX = struct.Struct("<QQIIB")  # pack id, record offset, stored length, raw length, codec
 
 _WRITE_BUFFER = 8 << 20
 _MAX_IOV = 512  # buffers per writev (the kernel's IOV_MAX is 1024)
 _ORPHAN_AGE = 60.0  # seconds after which an unnamed, unlocked new pack is a dead writer's
-_MOVED_RETRIES = 4  # a reader racing compactions looks a chunk up again at most this often
-
-
-@dataclass
-class CompactStats:
-    """What one compaction did: packs rewritten, live chunks moved, pack bytes before and after."""
-
-    packs_rewritten: int = 0
-    chunks_moved: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    #: Ids (hex) of chunks that failed verification: left in place, with their packs.
-    corrupt: list[str] = field(default_factory=list)
-
-    @property
-    def bytes_reclaimed(self) -> int:
-        return self.bytes_before - self.bytes_after
 
 
 class _Appender:
@@ -73,7 +49,7 @@ class _Appender:
 
     def __init__(self, store: LocalChunkStore) -> None:
         self.store = store
-        self.out: list[bytes | memoryview] = []
+        self.out: list[Payload] = []
         self.length = 0
         self.written = False
 
@@ -81,7 +57,7 @@ class _Appender:
         """(pack id, offset) the next record added will have."""
         return self.store._writable()[0], self.store._writer_size + self.length
 
-    def add(self, *parts: bytes | memoryview) -> None:
+    def add(self, *parts: Payload) -> None:
         self.out.extend(parts)
         self.length += sum(len(p) for p in parts)
         self.written = True
@@ -94,10 +70,11 @@ class _Appender:
         self.out, self.length = [], 0
 
 
-class LocalChunkStore(ChunkStore):
+class LocalChunkStore(PackedChunkStore):
     """Chunks in pack files under ``root``, indexed by LMDB. Thread- and process-safe."""
 
     def __init__(self, root: str | os.PathLike[str], *, pack_limit: int = 512 << 20, map_size: int = 1 << 36) -> None:
+        super().__init__()
         self.root = Path(root)
         self.location = str(self.root)
         self.pack_limit = pack_limit
@@ -111,11 +88,9 @@ class LocalChunkStore(ChunkStore):
             raise StoreError(f"cannot open chunk store index at {self.root}: {e}", self.location) from e
         except OSError as e:
             raise StoreError(f"cannot open chunk store at {self.root}: {e}", self.location) from e
-        self._lock = threading.Lock()
         self._writer: tuple[int, int] | None = None  # (pack id, fd)
         self._writer_size = 0
         self._retired: list[int] = []  # fds of full packs whose records are not indexed yet
-        self._closed = False
 
     def _check_format(self) -> None:
         fmt = self.root / "FORMAT"
@@ -148,7 +123,7 @@ class LocalChunkStore(ChunkStore):
         fds: dict[int, int] = {}
         try:
             for cid, loc in locs:
-                for _ in range(_MOVED_RETRIES):
+                for _ in range(MOVED_RETRIES):
                     if loc is None:
                         raise ChunkNotFoundError(f"chunk {cid.hex()} is not in {self.location}", cid.hex())
                     try:
@@ -180,22 +155,13 @@ class LocalChunkStore(ChunkStore):
             if fd is None:
                 fd = fds[pack_id] = os.open(self._pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
             # The index is checked against the pack before its lengths size a read.
-            blob = os.pread(fd, RECORD.size + stored, offset) if offset + RECORD.size + stored <= os.fstat(fd).st_size else b""
+            size = record_size(stored)
+            blob = os.pread(fd, size, offset) if offset + size <= os.fstat(fd).st_size else b""
         except FileNotFoundError:
             raise
         except OSError as e:
             raise StoreError(f"cannot read chunk {cid.hex()} from {where}: {e}", self.location) from e
-        if len(blob) != RECORD.size + stored:
-            raise ChunkCorruptError(f"chunk {cid.hex()} is truncated in {where}", cid.hex())
-        magic, rcodec, _, rstored, rraw, rid = RECORD.unpack_from(blob)
-        if (magic, rcodec, rstored, rraw, rid) != (RECORD_MAGIC, codec, stored, raw, cid):
-            raise ChunkCorruptError(f"chunk {cid.hex()}: record header at {where} does not match the index", cid.hex())
-        try:
-            data = decompress(codec, memoryview(blob)[RECORD.size :], raw, cid.hex())
-        except ChunkCorruptError as e:  # say where the bad bytes are, as every other error here does
-            raise ChunkCorruptError(f"{e} (record at {where})", cid.hex()) from None
-        verify(cid, data, where)
-        return data
+        return read_record(blob, 0, cid, stored, raw, codec, where)
 
     def iter_ids(self) -> Iterator[ChunkId]:
         self._ensure_open()
@@ -204,38 +170,26 @@ class LocalChunkStore(ChunkStore):
         return iter(keys)
 
     # -- writes ------------------------------------------------------------------
-    def put_many(self, items: Iterable[tuple[ChunkId, Payload]]) -> int:
-        with self._lock:
-            self._ensure_open()
-            seen: set[ChunkId] = set()
-            pending: list[tuple[ChunkId, Payload]] = []
-            for cid, data in items:
-                if len(cid) != ID_SIZE:
-                    raise ValueError(f"chunk id must be {ID_SIZE} bytes, got {len(cid)}")
-                if cid not in seen:
-                    seen.add(cid)
-                    if isinstance(data, memoryview) and data.itemsize != 1:
-                        data = data.cast("B")  # lengths below count bytes, not items
-                    pending.append((cid, data))
-            if not pending:
-                return 0
-            present = self.has_many(seen)
-            records: list[tuple[ChunkId, bytes]] = []
-            with self._appending(f"cannot write chunks to {self.location}") as pack:
-                for cid, data in pending:
-                    if cid in present:
-                        continue
-                    verify(cid, data, "put")
-                    codec, payload = maybe_compress(data)
-                    pack_id, offset = pack.at()
-                    pack.add(RECORD.pack(RECORD_MAGIC, codec, 0, len(payload), len(data), cid), payload)
-                    records.append((cid, INDEX.pack(pack_id, offset, len(payload), len(data), codec)))
-            added = 0
-            with self._env.begin(write=True, db=self._db) as txn:
-                for cid, loc in records:
-                    added += txn.put(cid, loc, overwrite=False)
-            self._release_retired()
-            return added
+    def _put_new(self, items: Iterator[tuple[ChunkId, Payload]]) -> int:
+        pending = list(items)
+        if not pending:
+            return 0
+        present = self.has_many(cid for cid, _ in pending)
+        records: list[tuple[ChunkId, bytes]] = []
+        with self._appending(f"cannot write chunks to {self.location}") as pack:
+            for cid, data in pending:
+                if cid in present:
+                    continue
+                rec = encode_record(cid, data, "put")
+                pack_id, offset = pack.at()
+                pack.add(rec.header, rec.payload)
+                records.append((cid, INDEX.pack(pack_id, offset, len(rec.payload), rec.raw, rec.codec)))
+        added = 0
+        with self._env.begin(write=True, db=self._db) as txn:
+            for cid, loc in records:
+                added += txn.put(cid, loc, overwrite=False)
+        self._release_retired()
+        return added
 
     @contextmanager
     def _appending(self, failure: str) -> Iterator[_Appender]:
@@ -302,7 +256,7 @@ class LocalChunkStore(ChunkStore):
             os.close(fd)
         self._retired.clear()
 
-    def _flush(self, out: list[bytes | memoryview], out_len: int) -> None:
+    def _flush(self, out: list[Payload], out_len: int) -> None:
         if not out:
             return
         assert self._writer is not None
@@ -327,15 +281,13 @@ class LocalChunkStore(ChunkStore):
             self._writer = None
             self._writer_size = 0
 
-    def delete_many(self, ids: Iterable[ChunkId]) -> int:
+    def _delete(self, ids: set[ChunkId]) -> int:
         """Remove index entries. Pack bytes are reclaimed by compaction, not here."""
-        with self._lock:
-            self._ensure_open()
-            with self._env.begin(write=True, db=self._db) as txn:
-                return sum(bool(txn.delete(cid)) for cid in set(ids))
+        with self._env.begin(write=True, db=self._db) as txn:
+            return sum(bool(txn.delete(cid)) for cid in ids)
 
     # -- compaction --------------------------------------------------------------
-    def compact(self, *, min_garbage: float = 0.2) -> CompactStats:
+    def _compact(self, stats: CompactStats, min_garbage: float) -> None:
         """Reclaim the bytes of deleted chunks and of killed writers' pack tails.
 
         Every pack that no writer holds (writers keep theirs flock-ed until the index names
@@ -347,38 +299,34 @@ class LocalChunkStore(ChunkStore):
         Readers that looked a chunk up before its move look it up again. Safe alongside
         readers, writers and other compactions in this and other processes.
         """
-        with self._lock:
-            self._ensure_open()
-            stats = CompactStats()
-            live: dict[int, int] = {}
-            with self._env.begin(db=self._db) as txn:
-                for loc in txn.cursor().iternext(keys=False, values=True):
-                    pack_id, _, stored, _, _ = INDEX.unpack(loc)
-                    live[pack_id] = live.get(pack_id, 0) + RECORD.size + stored
-            mine = {self._writer[0]} if self._writer is not None else set()
-            held: dict[int, int] = {}  # pack id -> read fd holding its lock
-            try:
-                for path in sorted(self._packs.iterdir()):
-                    if path.name.startswith(".new-"):
-                        self._remove_orphan(path, stats)
-                        continue
-                    try:
-                        pack_id = int(path.stem, 16)
-                        size = path.stat().st_size
-                    except (ValueError, FileNotFoundError):
-                        continue
-                    if pack_id in mine or size - live.get(pack_id, 0) < min_garbage * max(size, 1):
-                        continue
-                    fd = self._lock_pack(path)
-                    if fd is not None:
-                        held[pack_id] = fd
-                        stats.bytes_before += size
-                if held:
-                    self._rewrite(held, stats)
-            finally:
-                for fd in held.values():
-                    os.close(fd)
-            return stats
+        live: dict[int, int] = {}
+        with self._env.begin(db=self._db) as txn:
+            for loc in txn.cursor().iternext(keys=False, values=True):
+                pack_id, _, stored, _, _ = INDEX.unpack(loc)
+                live[pack_id] = live.get(pack_id, 0) + record_size(stored)
+        mine = {self._writer[0]} if self._writer is not None else set()
+        held: dict[int, int] = {}  # pack id -> read fd holding its lock
+        try:
+            for path in sorted(self._packs.iterdir()):
+                if path.name.startswith(".new-"):
+                    self._remove_orphan(path, stats)
+                    continue
+                try:
+                    pack_id = int(path.stem, 16)
+                    size = path.stat().st_size
+                except (ValueError, FileNotFoundError):
+                    continue
+                if pack_id in mine or size - live.get(pack_id, 0) < min_garbage * max(size, 1):
+                    continue
+                fd = self._lock_pack(path)
+                if fd is not None:
+                    held[pack_id] = fd
+                    stats.bytes_before += size
+            if held:
+                self._rewrite(held, stats)
+        finally:
+            for fd in held.values():
+                os.close(fd)
 
     @staticmethod
     def _lock_pack(path: Path) -> int | None:
@@ -429,7 +377,7 @@ class LocalChunkStore(ChunkStore):
                     keep.add(pack_id)
                     stats.corrupt.append(cid.hex())
                     continue
-                blob = os.pread(held[pack_id], RECORD.size + stored, offset)
+                blob = os.pread(held[pack_id], record_size(stored), offset)
                 new_pack, new_offset = pack.at()
                 moves.append((cid, loc, INDEX.pack(new_pack, new_offset, stored, raw, codec)))
                 pack.add(blob)
@@ -438,7 +386,7 @@ class LocalChunkStore(ChunkStore):
                 if txn.get(cid) == old:  # not deleted or moved by another process meanwhile
                     txn.put(cid, new)
                     stats.chunks_moved += 1
-                    stats.bytes_after += RECORD.size + INDEX.unpack(new)[2]
+                    stats.bytes_after += record_size(INDEX.unpack(new)[2])
         self._release_retired()
         for pack_id, fd in held.items():
             if pack_id in keep:
@@ -449,15 +397,7 @@ class LocalChunkStore(ChunkStore):
         fsync_dir(self._packs)
 
     # -- lifecycle ---------------------------------------------------------------
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"chunk store {self.location} is closed", self.location)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._drop_writer()
-            self._env.close()
+    def _release(self) -> None:
+        self._drop_writer()
+        self._env.close()
 

@@ -19,10 +19,12 @@ class MemoryChunkStore(ChunkStore):
         self.location = f"memory:{id(self):x}"
 
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
+        self._ensure_open()
         with self._lock:
             return {i for i in ids if i in self._chunks}
 
     def get_many(self, ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, Payload]]:
+        self._ensure_open()
         for cid in ids:
             with self._lock:
                 data = self._chunks.get(cid)
@@ -32,6 +34,7 @@ class MemoryChunkStore(ChunkStore):
             yield cid, data
 
     def put_many(self, items: Iterable[tuple[ChunkId, Payload]]) -> int:
+        self._ensure_open()
         batch: dict[ChunkId, bytes] = {}
         for cid, data in items:
             verify(cid, data, "put")
@@ -43,10 +46,12 @@ class MemoryChunkStore(ChunkStore):
         return len(new)
 
     def iter_ids(self) -> Iterator[ChunkId]:
+        self._ensure_open()
         with self._lock:
             ids = list(self._chunks)
         return iter(ids)
 
     def delete_many(self, ids: Iterable[ChunkId]) -> int:
+        self._ensure_open()
         with self._lock:
             return sum(self._chunks.pop(c, None) is not None for c in set(ids))

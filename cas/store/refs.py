@@ -16,8 +16,9 @@ from pathlib import Path
 
 import blake3
 
-from ..errors import StoreError, UnsupportedVersionError
+from ..errors import BadRefNameError, StoreError, UnsupportedVersionError
 from ..fsutil import fsync_dir
+from .base import Closable
 
 MAGIC = b"CASR"
 VERSION = 2
@@ -32,30 +33,61 @@ def encode(name: str, value: bytes) -> bytes:
     return body + blake3.blake3(body).digest()
 
 
-class RefStore(ABC):
-    """name -> bytes, each put atomic (a reader sees the old or the new value, whole)."""
+def check_ref_name(name: object) -> str:
+    """``name`` if it is a name every ref store takes (a non-empty string), else
+    BadRefNameError. One rule for every store, so a ref written to one can be copied to any."""
+    if not isinstance(name, str):
+        raise BadRefNameError(f"a ref name must be a str, not {type(name).__name__}")
+    if not name:
+        raise BadRefNameError("a ref name must not be empty")
+    return name
 
-    location: str = ""
 
-    @abstractmethod
+class RefStore(Closable, ABC):
+    """name -> bytes, each put atomic (a reader sees the old or the new value, whole).
+
+    The public calls are written here once: each checks that the store is open and that the
+    name is one every store takes (:func:`check_ref_name`); an implementation provides
+    ``_get``, ``_put``, ``_delete`` and ``_names``. The conformance suite,
+    :class:`cas.testing.RefStoreTests`, is the specification.
+    """
+
+    kind = "ref store"
+
     def get(self, name: str) -> bytes | None:
         """The value of ``name``, or None."""
+        self._ensure_open()
+        return self._get(check_ref_name(name))
 
-    @abstractmethod
     def put(self, name: str, value: bytes) -> None:
         """Set ``name`` to ``value`` durably, replacing any previous value."""
+        self._ensure_open()
+        self._put(check_ref_name(name), bytes(value))
 
-    @abstractmethod
     def delete(self, name: str) -> bool:
         """Remove ``name``; whether it existed."""
+        self._ensure_open()
+        return self._delete(check_ref_name(name))
 
-    @abstractmethod
     def names(self, prefix: str = "") -> Iterator[str]:
         """The names that start with ``prefix``. A ref that cannot be read raises StoreError,
         never silently left out: garbage collection must see every ref."""
+        self._ensure_open()
+        if not isinstance(prefix, str):
+            raise BadRefNameError(f"a ref name prefix must be a str, not {type(prefix).__name__}")
+        return self._names(prefix)
 
-    def close(self) -> None:  # noqa: B027  (optional to override)
-        """Release resources. The default does nothing."""
+    @abstractmethod
+    def _get(self, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _put(self, name: str, value: bytes) -> None: ...
+
+    @abstractmethod
+    def _delete(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def _names(self, prefix: str) -> Iterator[str]: ...
 
 
 class LocalRefStore(RefStore):
@@ -69,7 +101,7 @@ class LocalRefStore(RefStore):
     def _file(self, name: str) -> Path:
         return self.root / blake3.blake3(name.encode("utf-8", "surrogateescape")).hexdigest()
 
-    def get(self, name: str) -> bytes | None:
+    def _get(self, name: str) -> bytes | None:
         try:
             raw = self._file(name).read_bytes()
         except FileNotFoundError:
@@ -81,7 +113,7 @@ class LocalRefStore(RefStore):
             raise StoreError(f"ref file {self._file(name)} holds {got!r}, not {name!r}", self.location)
         return value
 
-    def put(self, name: str, value: bytes) -> None:
+    def _put(self, name: str, value: bytes) -> None:
         tmp = self.root / f".tmp-{secrets.token_hex(8)}"
         try:
             with open(tmp, "wb") as f:
@@ -94,7 +126,7 @@ class LocalRefStore(RefStore):
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write ref {name!r} in {self.location}: {e}", self.location) from e
 
-    def delete(self, name: str) -> bool:
+    def _delete(self, name: str) -> bool:
         try:
             self._file(name).unlink()
         except FileNotFoundError:
@@ -102,7 +134,7 @@ class LocalRefStore(RefStore):
         fsync_dir(self.root)
         return True
 
-    def names(self, prefix: str = "") -> Iterator[str]:
+    def _names(self, prefix: str) -> Iterator[str]:
         """Names starting with ``prefix``; StoreError if a ref file is damaged."""
         for f in sorted(self.root.iterdir()):
             if f.name.startswith("."):

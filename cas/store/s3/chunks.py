@@ -1,9 +1,9 @@
-"""Chunk and ref stores in an S3 bucket (AWS S3 or any S3-compatible server), through boto3.
+"""The chunk store in an S3 bucket (AWS S3 or any S3-compatible server): packs and their indexes.
 
 Layout under a store's prefix (specified in docs/format.md, "S3 store layout")::
 
     <prefix>FORMAT             "cas-s3store 1"
-    <prefix>packs/<16 hex>     pack objects: chunk records as in the local store's packs
+    <prefix>packs/<16 hex>     pack objects: chunk records (:mod:`cas.store.pack`)
     <prefix>index/<16 hex>     one index object per pack: where each of its chunks lies
 
 Chunks average ~320 KiB, and an S3 request costs about as much server and client time as
@@ -29,8 +29,8 @@ of ``index/``, plus a GET of each index object that is new or changed) at every 
 question (``has_many``, ``put_many``, ``iter_ids``, ``delete_many``) and whenever a read
 misses, so chunks deleted by another process are never taken as present.
 
-One :class:`~cas.store.s3bucket.S3Bucket` (one boto3 client and one thread pool, the client's connection pool as
-large as the thread pool) is shared by every store of a bucket. Endpoint, credentials and
+One :class:`~cas.store.s3.bucket.S3Bucket` (one boto3 client and one thread pool, the
+client's connection pool as large as the thread pool) is shared by every store of a bucket. Endpoint, credentials and
 region come from the standard AWS environment variables and config files
 (``AWS_ENDPOINT_URL`` for S3-compatible servers); nothing here logs or prints credentials.
 """
@@ -41,31 +41,19 @@ import logging
 import secrets
 import struct
 import threading
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
+from ...errors import ChunkCorruptError, ChunkNotFoundError, StoreError, UnsupportedVersionError
+from ...hashing import ChunkId
+from ..base import Payload
+from ..pack import MOVED_RETRIES, CompactStats, PackedChunkStore, encode_record, read_record, record_size
+from .bucket import S3Bucket, _norm_prefix
 
-from ..compress import decompress, maybe_compress
-from ..errors import (
-    ChunkCorruptError,
-    ChunkNotFoundError,
-    StoreError,
-    UnsupportedVersionError,
-)
-from ..hashing import ID_SIZE, ChunkId, verify
-from .base import ChunkStore, Payload
-from .local import RECORD, RECORD_MAGIC, CompactStats
-from .refs import RefStore
-from .refs import decode as decode_ref
-from .refs import encode as encode_ref
-from .s3bucket import S3AccessDeniedError, S3Bucket, _norm_prefix, parse_url
-
-__all__ = ["FORMAT_TEXT", "S3AccessDeniedError", "S3Bucket", "S3ChunkStore", "S3RefStore", "parse_url"]
+__all__ = ["FORMAT_TEXT", "ORPHAN_AGE", "S3ChunkStore", "decode_index", "encode_index"]
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +65,9 @@ INDEX_ENTRY = struct.Struct("<32sQIIB")  # chunk id, record offset, stored lengt
 
 #: Two wanted records of one pack at most this far apart are read with one ranged GET.
 READ_GAP = 1 << 20
-#: A reader whose pack vanished (compacted, deleted) looks its chunks up again this often.
-_MOVED_RETRIES = 4
 #: Packs without an index object this much older than the server's clock are a dead writer's.
 ORPHAN_AGE = 3600.0
 _PACK_NAME_TRIES = 4
-_MAX_KEY_BYTES = 1024  # S3's limit on a key's UTF-8 length
-
-
-# -- chunk store ------------------------------------------------------------------------
 
 
 @dataclass
@@ -120,7 +102,7 @@ def decode_index(raw: bytes, where: str) -> tuple[int, dict[ChunkId, tuple[int, 
     entries: dict[ChunkId, tuple[int, int, int, int]] = {}
     for i in range(count):
         cid, offset, stored, rawlen, codec = INDEX_ENTRY.unpack_from(raw, INDEX_HEAD.size + i * INDEX_ENTRY.size)
-        if offset + RECORD.size + stored > size:
+        if offset + record_size(stored) > size:
             raise StoreError(f"index object {where}: chunk {cid.hex()} lies past the pack's end", where)
         entries[cid] = (offset, stored, rawlen, codec)
     return size, entries
@@ -142,7 +124,7 @@ class _PackGone(Exception):
         self.run = run
 
 
-class S3ChunkStore(ChunkStore):
+class S3ChunkStore(PackedChunkStore):
     """Chunks packed into objects under ``s3://bucket/prefix`` (layout in the module docstring).
 
     Thread-safe. Several processes and machines may share a store: puts and reads need no
@@ -152,14 +134,19 @@ class S3ChunkStore(ChunkStore):
     ``pack_size``: bytes of chunk records per pack object. ``inflight``: bytes of packs
     being built or uploaded at once by ``put_many``, and of ranged reads ahead of the
     consumer in ``get_many``; the input iterator is consumed while earlier packs upload.
+    ``orphan_age``: seconds after which :meth:`compact` takes a pack that no index object
+    names for a dead writer's (by the server's clock: a younger one may be a put running).
     """
 
-    def __init__(self, bucket: S3Bucket, prefix: str = "", *, pack_size: int = 8 << 20, inflight: int = 64 << 20) -> None:
+    def __init__(self, bucket: S3Bucket, prefix: str = "", *, pack_size: int = 8 << 20, inflight: int = 64 << 20,
+                 orphan_age: float = ORPHAN_AGE) -> None:
+        super().__init__()
         self.bucket = bucket.retain()
         self.prefix = _norm_prefix(prefix)
         self.location = bucket.url(self.prefix).rstrip("/")
         self.pack_size = pack_size
         self.inflight = max(inflight, pack_size)
+        self.orphan_age = orphan_age
         self._packs: dict[int, _Pack] = {}
         self._where: dict[ChunkId, int] = {}  # id -> a pack holding it
         self._more: dict[ChunkId, set[int]] = {}  # id -> further packs holding it (rare)
@@ -167,8 +154,6 @@ class S3ChunkStore(ChunkStore):
         self._tombs: dict[int, int] = {}  # pack id -> gen at which this process removed it
         self._state = threading.Lock()  # guards the fields above
         self._refreshing = threading.Lock()
-        self._writing = threading.Lock()  # put_many, delete_many, compact: one at a time
-        self._closed = False
         try:
             self._check_format()
         except BaseException:
@@ -281,10 +266,6 @@ class S3ChunkStore(ChunkStore):
         size, entries = decode_index(got[0], self.bucket.url(key))
         return _Pack(got[1], size, entries)
 
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"chunk store {self.location} is closed", self.location)
-
     # -- reads -------------------------------------------------------------------------
     def has_many(self, ids: Iterable[ChunkId]) -> set[ChunkId]:
         self._ensure_open()
@@ -339,7 +320,7 @@ class S3ChunkStore(ChunkStore):
             if gone:
                 # Compaction moved them, or they were deleted: look them up again.
                 moved += 1
-                if moved > _MOVED_RETRIES:
+                if moved > MOVED_RETRIES:
                     raise StoreError(f"chunk {gone[0].hex()} kept moving in {self.location}", self.location)
                 self._refresh()
             remaining = gone
@@ -362,7 +343,7 @@ class S3ChunkStore(ChunkStore):
             records.sort(key=lambda r: r[1])
             run: _Run | None = None
             for rec in records:
-                start, end = rec[1], rec[1] + RECORD.size + rec[2]
+                start, end = rec[1], rec[1] + record_size(rec[2])
                 if run is not None and start - run.end <= READ_GAP and end - run.first <= max(self.pack_size, end - start):
                     run.records.append(rec)
                     run.end = max(run.end, end)
@@ -378,66 +359,47 @@ class S3ChunkStore(ChunkStore):
         if got is None:
             raise _PackGone(run)
         blob = memoryview(got[0])
-        out: list[tuple[ChunkId, Payload]] = []
-        for cid, offset, stored, raw, codec in run.records:
-            where = f"{self.bucket.url(key)}@{offset}"
-            at = offset - run.first
-            if at + RECORD.size + stored > len(blob):
-                raise ChunkCorruptError(f"chunk {cid.hex()} is truncated in {where}", cid.hex())
-            magic, rcodec, _, rstored, rraw, rid = RECORD.unpack_from(blob, at)
-            if (magic, rcodec, rstored, rraw, rid) != (RECORD_MAGIC, codec, stored, raw, cid):
-                raise ChunkCorruptError(f"chunk {cid.hex()}: record header at {where} does not match the index", cid.hex())
-            try:
-                data = decompress(codec, blob[at + RECORD.size : at + RECORD.size + stored], raw, cid.hex())
-            except ChunkCorruptError as e:
-                raise ChunkCorruptError(f"{e} (record at {where})", cid.hex()) from None
-            verify(cid, data, where)
-            out.append((cid, data))
-        return out
+        url = self.bucket.url(key)
+        return [(cid, read_record(blob, offset - run.first, cid, stored, raw, codec, f"{url}@{offset}"))
+                for cid, offset, stored, raw, codec in run.records]
 
     # -- writes ------------------------------------------------------------------------
-    def put_many(self, items: Iterable[tuple[ChunkId, Payload]]) -> int:
+    def _put_new(self, items: Iterator[tuple[ChunkId, Payload]]) -> int:
         """Pack the chunks the store lacks and upload the packs while reading on; then write
         the packs' index objects. A chunk that fails verification stops the batch: packs
         already uploaded are deleted and no index object is written, so nothing is added.
         After it returns, every chunk of the batch is durably in the bucket."""
-        with self._writing:
-            self._ensure_open()
-            self._refresh()
-            slots = threading.BoundedSemaphore(max(1, self.inflight // self.pack_size))
-            uploads: list[Future[tuple[int, _Pack]]] = []
-            seen: set[ChunkId] = set()
-            buf: list[tuple[ChunkId, bytes]] = []
-            size = 0
-            try:
-                for cid, data in items:
-                    if len(cid) != ID_SIZE:
-                        raise ValueError(f"chunk id must be {ID_SIZE} bytes, got {len(cid)}")
-                    if cid in seen or cid in self._where:
-                        continue
-                    seen.add(cid)
-                    data = bytes(data)  # the caller may reuse its buffer once the iterator moves
-                    buf.append((cid, data))
-                    size += RECORD.size + len(data)
-                    if size >= self.pack_size:
-                        self._submit_pack(buf, slots, uploads)
-                        buf, size = [], 0
-                if buf:
+        self._refresh()
+        slots = threading.BoundedSemaphore(max(1, self.inflight // self.pack_size))
+        uploads: list[Future[tuple[int, _Pack]]] = []
+        buf: list[tuple[ChunkId, bytes]] = []
+        size = 0
+        try:
+            for cid, data in items:
+                if cid in self._where:
+                    continue
+                data = bytes(data)  # the caller may reuse its buffer once the iterator moves
+                buf.append((cid, data))
+                size += record_size(len(data))
+                if size >= self.pack_size:
                     self._submit_pack(buf, slots, uploads)
-                wait(uploads)
-                packs = [f.result() for f in uploads]
-            except BaseException:
-                self._abandon(uploads)
-                raise
-            if not packs:
-                return 0
-            self.bucket.map(self._write_index, packs)
-            with self._state:
-                self._gen += 1
-                for pid, pack in packs:
-                    pack.gen = self._gen
-                    self._install(pid, pack)
-            return sum(len(pack.entries) for _, pack in packs)
+                    buf, size = [], 0
+            if buf:
+                self._submit_pack(buf, slots, uploads)
+            wait(uploads)
+            packs = [f.result() for f in uploads]
+        except BaseException:
+            self._abandon(uploads)
+            raise
+        if not packs:
+            return 0
+        self.bucket.map(self._write_index, packs)
+        with self._state:
+            self._gen += 1
+            for pid, pack in packs:
+                pack.gen = self._gen
+                self._install(pid, pack)
+        return sum(len(pack.entries) for _, pack in packs)
 
     def _submit_pack(self, buf: list[tuple[ChunkId, bytes]], slots: threading.BoundedSemaphore,
                      uploads: list[Future[tuple[int, _Pack]]]) -> None:
@@ -461,16 +423,14 @@ class S3ChunkStore(ChunkStore):
     def _upload_pack(self, items: list[tuple[ChunkId, bytes]]) -> tuple[int, _Pack]:
         """Verify, compress and upload one pack under a new name; (pack id, its index).
         Empties ``items`` once the pack's bytes are assembled (they are not needed twice)."""
-        parts: list[bytes | memoryview] = []
+        parts: list[Payload] = []
         entries: dict[ChunkId, tuple[int, int, int, int]] = {}
         offset = 0
         for cid, data in items:
-            verify(cid, data, f"put to {self.location}")
-            codec, payload = maybe_compress(data)
-            parts.append(RECORD.pack(RECORD_MAGIC, codec, 0, len(payload), len(data), cid))
-            parts.append(payload)
-            entries[cid] = (offset, len(payload), len(data), codec)
-            offset += RECORD.size + len(payload)
+            rec = encode_record(cid, data, f"put to {self.location}")
+            parts += (rec.header, rec.payload)
+            entries[cid] = (offset, len(rec.payload), rec.raw, rec.codec)
+            offset += rec.size
         body = b"".join(parts)
         del parts
         items.clear()
@@ -507,31 +467,26 @@ class S3ChunkStore(ChunkStore):
                 log.warning("could not remove %d packs of a failed put from %s: %s", len(landed), self.location, e)
 
     # -- deletes -----------------------------------------------------------------------
-    def delete_many(self, ids: Iterable[ChunkId]) -> int:
+    def _delete(self, ids: set[ChunkId]) -> int:
         """Rewrite the index object of each pack holding one of ``ids`` without them (one
         atomic put each); a pack left with nothing is deleted, index object first."""
-        with self._writing:
-            self._ensure_open()
-            ids = set(ids)
-            if not ids:
-                return 0
-            self._refresh()
-            with self._state:
-                present = {cid for cid in ids if cid in self._where}
-                touched = {self._where[cid] for cid in present} | {p for cid in present for p in self._more.get(cid, ())}
-                plans = [(pid, self._packs[pid]) for pid in touched]
-            results = self.bucket.map(lambda plan: self._shrink(plan[0], plan[1], ids), plans)
-            with self._state:
-                self._gen += 1
-                new: _Pack | None
-                for (pid, _), new in zip(plans, results, strict=True):
-                    if new is None:
-                        self._uninstall(pid)
-                        self._tombs[pid] = self._gen
-                    else:
-                        new.gen = self._gen
-                        self._install(pid, new)
-            return len(present)
+        self._refresh()
+        with self._state:
+            present = {cid for cid in ids if cid in self._where}
+            touched = {self._where[cid] for cid in present} | {p for cid in present for p in self._more.get(cid, ())}
+            plans = [(pid, self._packs[pid]) for pid in touched]
+        results = self.bucket.map(lambda plan: self._shrink(plan[0], plan[1], ids), plans)
+        with self._state:
+            self._gen += 1
+            new: _Pack | None
+            for (pid, _), new in zip(plans, results, strict=True):
+                if new is None:
+                    self._uninstall(pid)
+                    self._tombs[pid] = self._gen
+                else:
+                    new.gen = self._gen
+                    self._install(pid, new)
+        return len(present)
 
     def _shrink(self, pid: int, pack: _Pack, drop: set[ChunkId]) -> _Pack | None:
         """Pack ``pid`` without the ids in ``drop``: its new index, or None if it was removed."""
@@ -544,63 +499,56 @@ class S3ChunkStore(ChunkStore):
         return _Pack(etag or "", pack.size, keep)
 
     # -- compaction --------------------------------------------------------------------
-    def compact(self, *, min_garbage: float = 0.2, orphan_age: float = ORPHAN_AGE) -> CompactStats:
-        """Reclaim the bytes of deleted chunks and of packs that writers never indexed.
-
-        A pack whose garbage (bytes no index entry of it points at, counting a chunk that
+    def _compact(self, stats: CompactStats, min_garbage: float) -> None:
+        """A pack whose garbage (bytes no index entry of it points at, counting a chunk that
         another pack also holds as garbage here) is at least ``min_garbage`` of its size is
         rewritten: the live records of such packs are read, verified and uploaded together
         as new packs of about ``pack_size`` with their index objects; then the old index
-        objects and packs are deleted. A pack with
-        no index object older than ``orphan_age`` seconds (by the server's clock: younger
-        ones may belong to a put still running) is deleted. A killed compaction leaves at
-        worst a chunk held by two packs or an orphan pack; the next one removes either.
-        Readers whose pack vanished look their chunks up again.
+        objects and packs are deleted. A pack with no index object older than
+        ``orphan_age`` is deleted. A killed compaction leaves at worst a chunk held by two
+        packs or an orphan pack; the next one removes either. Readers whose pack vanished
+        look their chunks up again.
         """
-        with self._writing:
-            self._ensure_open()
-            self._refresh()
-            stats = CompactStats()
-            now = self.bucket.server_time()
-            indexed: dict[int, int] = {}
-            orphans: list[str] = []
-            base = self.prefix + "packs/"
-            for obj in self.bucket.objects(base):
-                pid = self._pack_of(obj.key[len(base) :])
-                if pid is None:
-                    continue
-                with self._state:
-                    known = pid in self._packs
-                if known:
-                    indexed[pid] = obj.size
-                elif now - obj.modified >= orphan_age and not self.bucket.head(self._index_key(pid)):
-                    orphans.append(obj.key)
-                    stats.bytes_before += obj.size
-            if orphans:
-                self.bucket.delete(orphans)
+        self._refresh()
+        now = self.bucket.server_time()
+        indexed: dict[int, int] = {}
+        orphans: list[str] = []
+        base = self.prefix + "packs/"
+        for obj in self.bucket.objects(base):
+            pid = self._pack_of(obj.key[len(base) :])
+            if pid is None:
+                continue
             with self._state:
-                victims: list[tuple[int, _Pack, dict[ChunkId, tuple[int, int, int, int]]]] = []
-                for pid, size in indexed.items():
-                    pack = self._packs.get(pid)
-                    if pack is None:
-                        continue
-                    # A chunk that another pack also holds counts as garbage here.
-                    mine = {cid: e for cid, e in pack.entries.items() if self._where.get(cid) == pid}
-                    live = sum(RECORD.size + e[1] for e in mine.values())
-                    if size - live >= min_garbage * max(size, 1):
-                        victims.append((pid, pack, mine))
-            # Live records of several victims go into one new pack of about pack_size.
-            group: list[tuple[int, _Pack, dict[ChunkId, tuple[int, int, int, int]]]] = []
-            live = 0
-            for victim in victims:
-                group.append(victim)
-                live += sum(RECORD.size + e[1] for e in victim[2].values())
-                if live >= self.pack_size:
-                    self._rewrite(group, stats)
-                    group, live = [], 0
-            if group:
+                known = pid in self._packs
+            if known:
+                indexed[pid] = obj.size
+            elif now - obj.modified >= self.orphan_age and not self.bucket.head(self._index_key(pid)):
+                orphans.append(obj.key)
+                stats.bytes_before += obj.size
+        if orphans:
+            self.bucket.delete(orphans)
+        with self._state:
+            victims: list[tuple[int, _Pack, dict[ChunkId, tuple[int, int, int, int]]]] = []
+            for pid, size in indexed.items():
+                pack = self._packs.get(pid)
+                if pack is None:
+                    continue
+                # A chunk that another pack also holds counts as garbage here.
+                mine = {cid: e for cid, e in pack.entries.items() if self._where.get(cid) == pid}
+                live = sum(record_size(e[1]) for e in mine.values())
+                if size - live >= min_garbage * max(size, 1):
+                    victims.append((pid, pack, mine))
+        # Live records of several victims go into one new pack of about pack_size.
+        group: list[tuple[int, _Pack, dict[ChunkId, tuple[int, int, int, int]]]] = []
+        live = 0
+        for victim in victims:
+            group.append(victim)
+            live += sum(record_size(e[1]) for e in victim[2].values())
+            if live >= self.pack_size:
                 self._rewrite(group, stats)
-            return stats
+                group, live = [], 0
+        if group:
+            self._rewrite(group, stats)
 
     def _rewrite(self, group: list[tuple[int, _Pack, dict[ChunkId, tuple[int, int, int, int]]]], stats: CompactStats) -> None:
         """Copy the live chunks of ``group``'s packs (verified) into new packs, index those,
@@ -613,14 +561,14 @@ class S3ChunkStore(ChunkStore):
             records = sorted(((cid, *e) for cid, e in live.items()), key=lambda r: r[1])
             try:
                 if records:
-                    end = max(r[1] + RECORD.size + r[2] for r in records)
+                    end = max(r[1] + record_size(r[2]) for r in records)
                     try:
                         chunks = self._read_run(_Run(pid, records[0][1], end, records))
                     except ChunkCorruptError:
                         chunks = []
                         for rec in records:  # find the bad ones
                             try:
-                                chunks += self._read_run(_Run(pid, rec[1], rec[1] + RECORD.size + rec[2], [rec]))
+                                chunks += self._read_run(_Run(pid, rec[1], rec[1] + record_size(rec[2]), [rec]))
                             except ChunkCorruptError:
                                 bad.setdefault(pid, set()).add(rec[0])
                                 stats.corrupt.append(rec[0].hex())
@@ -634,7 +582,7 @@ class S3ChunkStore(ChunkStore):
         size = 0
         for item in good:
             part.append(item)
-            size += RECORD.size + len(item[1])
+            size += record_size(len(item[1]))
             if size >= self.pack_size:
                 new.append(self._upload_pack(part))
                 part, size = [], 0
@@ -666,103 +614,5 @@ class S3ChunkStore(ChunkStore):
                 self._tombs[pid] = self._gen
 
     # -- lifecycle ---------------------------------------------------------------------
-    def close(self) -> None:
-        with self._writing:
-            if self._closed:
-                return
-            self._closed = True
-        self.bucket.release()
-
-
-# -- ref store --------------------------------------------------------------------------
-
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
-_HASHED = "%%"  # key prefix of refs whose escaped name would be too long (escapes never make "%%")
-
-
-def encode_ref_name(name: str) -> str:
-    """The key suffix of ref ``name``: its UTF-8 bytes, those outside ``[A-Za-z0-9._-]``
-    (and a leading ``.``) written ``%XX``. One segment (no ``/`` left), never ``.`` or ``..``,
-    and prefix-preserving: the names starting with P are the keys starting with enc(P)."""
-    raw = name.encode("utf-8", "surrogateescape")
-    return "".join(chr(b) if b in _SAFE and not (i == 0 and b == 0x2E) else f"%{b:02X}" for i, b in enumerate(raw))
-
-
-def decode_ref_name(text: str) -> str:
-    return urllib.parse.unquote_to_bytes(text).decode("utf-8", "surrogateescape")
-
-
-class S3RefStore(RefStore):
-    """One object per ref, ``<prefix><escaped name>``, holding the ref's CASR encoding (the
-    local ref files' format: name, value, BLAKE3 checksum). A put is one atomic PUT; a
-    name too long for an S3 key is stored under ``<prefix>%%<BLAKE3 of the name>``."""
-
-    def __init__(self, bucket: S3Bucket, prefix: str) -> None:
-        self.bucket = bucket.retain()
-        self.prefix = _norm_prefix(prefix)
-        self.location = bucket.url(self.prefix).rstrip("/")
-        self._closed = False
-        self._lock = threading.Lock()
-
-    @classmethod
-    def open(cls, url: str, **kwargs: Any) -> S3RefStore:
-        bucket, prefix = S3Bucket.from_url(url, **kwargs)
-        try:
-            return cls(bucket, prefix)
-        finally:
-            bucket.release()
-
-    def _key(self, name: str) -> str:
-        if not name:
-            raise ValueError("a ref name must not be empty")
-        key = self.prefix + encode_ref_name(name)
-        if len(key.encode()) > _MAX_KEY_BYTES:
-            key = self.prefix + _HASHED + blake3.blake3(name.encode("utf-8", "surrogateescape")).hexdigest()
-        return key
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"ref store {self.location} is closed", self.location)
-
-    def get(self, name: str) -> bytes | None:
-        self._ensure_open()
-        key = self._key(name)
-        got = self.bucket.get(key)
-        if got is None:
-            return None
-        stored, value = decode_ref(got[0], self.bucket.url(key))
-        if stored != name:
-            raise StoreError(f"ref object {self.bucket.url(key)} holds {stored!r}, not {name!r}", self.location)
-        return value
-
-    def put(self, name: str, value: bytes) -> None:
-        self._ensure_open()
-        self.bucket.put(self._key(name), encode_ref(name, value))
-
-    def delete(self, name: str) -> bool:
-        self._ensure_open()
-        key = self._key(name)
-        if not self.bucket.head(key):
-            return False
-        self.bucket.delete([key])
-        return True
-
-    def names(self, prefix: str = "") -> Iterator[str]:
-        self._ensure_open()
-        for obj in self.bucket.objects(self.prefix + encode_ref_name(prefix)):
-            text = obj.key[len(self.prefix) :]
-            if text and not text.startswith(_HASHED):
-                yield decode_ref_name(text)
-        for obj in self.bucket.objects(self.prefix + _HASHED):
-            got = self.bucket.get(obj.key)
-            if got is not None:
-                name, _ = decode_ref(got[0], self.bucket.url(obj.key))
-                if name.startswith(prefix):
-                    yield name
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _release(self) -> None:
         self.bucket.release()

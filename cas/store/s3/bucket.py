@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import StoreError
+from ...errors import StoreError
 
 try:  # boto3 is optional (the ``s3`` extra); S3Bucket says how to get it.
     import boto3
