@@ -54,6 +54,16 @@ from _faultkit import (
 from trees import File, Model, listing, write_tree
 
 TALLY = Tally("test_origin_files")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def over_the_network() -> Iterator[None]:
+    """The faults are injected where the HTTP origin reads chunks and answers: keep every
+    transfer on the socket. The same-host path's own faults (a link swapped in, a file
+    changed after its manifest, a wrong peer) are in test_samehost.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATHAPI_SAME_HOST", "0")
+        yield
 OUTSIDE_SECRET = b"OUTSIDE-THE-ROOT-" * 4096
 
 

@@ -53,7 +53,7 @@ _LEN = struct.Struct("<I")
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
-class FdLinkError(Exception):
+class _LinkError(Exception):
     """The same-host link failed (refused, closed, malformed): the caller falls back to HTTP."""
 
 
@@ -95,7 +95,7 @@ def _recv_exact(sock: socket.socket, n: int, got: bytes = b"") -> bytes:
     while have < n:
         more = sock.recv(n - have)
         if not more:
-            raise FdLinkError("the same-host link closed mid-message")
+            raise _LinkError("the same-host link closed mid-message")
         parts.append(more)
         have += len(more)
     return b"".join(parts)
@@ -109,27 +109,27 @@ def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, object], lis
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
-            raise FdLinkError("descriptors were cut off in transit (descriptor limit reached?)")
+            raise _LinkError("descriptors were cut off in transit (descriptor limit reached?)")
     else:
         first = sock.recv(64 << 10)
     try:
         if not first:
-            raise FdLinkError("the same-host link closed")
+            raise _LinkError("the same-host link closed")
         head = _recv_exact(sock, _LEN.size, first[: _LEN.size])
         (n,) = _LEN.unpack(head)
         if n > MAX_MESSAGE:
-            raise FdLinkError(f"a same-host message of {n} bytes is too long")
+            raise _LinkError(f"a same-host message of {n} bytes is too long")
         raw = _recv_exact(sock, n, first[_LEN.size :])
         if len(raw) != n:
-            raise FdLinkError("the same-host link sent more than one message at once")
+            raise _LinkError("the same-host link sent more than one message at once")
         body = json.loads(raw)
         if not isinstance(body, dict):
-            raise FdLinkError("a same-host message is not a JSON object")
+            raise _LinkError("a same-host message is not a JSON object")
         return body, fds
     except (ValueError, OSError) as e:
         for fd in fds:
             os.close(fd)
-        raise FdLinkError(f"malformed same-host message: {e}") from None
+        raise _LinkError(f"malformed same-host message: {e}") from None
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -205,7 +205,7 @@ class FdServer:
                 while not self._closed:
                     try:
                         req, _ = _recv(conn)
-                    except FdLinkError:
+                    except _LinkError:
                         return  # the consumer is done (or gone)
                     if not self._answer(conn, req):
                         return
@@ -265,7 +265,7 @@ class FdLink:
             self.sock.connect("\0" + name)
         except OSError as e:
             self.sock.close()
-            raise FdLinkError(f"cannot reach the origin's same-host socket: {e}") from None
+            raise _LinkError(f"cannot reach the origin's same-host socket: {e}") from None
 
     def open(self, manifest_id: bytes, files: list[int]) -> dict[int, int]:
         """Descriptors of ``files`` (indices into the manifest's files) that the origin could
@@ -274,12 +274,12 @@ class FdLink:
             _send(self.sock, {"v": FD_PROTOCOL, "secret": self.secret, "manifest": manifest_id.hex(), "files": files})
             body, fds = _recv(self.sock, max_fds=len(files))
         except OSError as e:
-            raise FdLinkError(f"the same-host link failed: {e}") from None
+            raise _LinkError(f"the same-host link failed: {e}") from None
         opened = body.get("open")
         if not isinstance(opened, list) or len(opened) != len(fds):
             for fd in fds:
                 os.close(fd)
-            raise FdLinkError(f"the origin refused the same-host request: {body.get('error', 'malformed answer')}")
+            raise _LinkError(f"the origin refused the same-host request: {body.get('error', 'malformed answer')}")
         return dict(zip(opened, fds, strict=True))
 
     def close(self) -> None:
@@ -344,7 +344,7 @@ class SameHostSource:
         ids = list(ids)
         try:
             link = FdLink(self.name, self.secret, self.timeout)
-        except FdLinkError as e:
+        except _LinkError as e:
             log.info("%s: using HTTP: %s", self.location, e)
             yield from self.fallback.get_many(ids)
             return
@@ -357,7 +357,7 @@ class SameHostSource:
                 window, files, i = self._window(ids, i)
                 try:
                     fds = link.open(self.manifest.id, files) if files else {}
-                except FdLinkError as e:
+                except _LinkError as e:
                     log.info("%s: falling back to HTTP: %s", self.location, e)
                     left += window + ids[i:]
                     break
