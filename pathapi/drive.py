@@ -152,15 +152,16 @@ def drive_entries(index: DriveIndex, path: str = ".", component_name: str | None
             e = sub.entries[0]
             out.append(DriveEntry(comp, path, "file", e.size, 1, e.chunk_count, e.mode, space.updated_ns))
             continue
+        totals: dict[str, tuple[int, int, int]] = {}  # top-level name -> (bytes, files, chunks) at or below it
+        for f in sub.files():
+            top = f.path.split("/", 1)[0]
+            size, files, chunks = totals.get(top, (0, 0, 0))
+            totals[top] = (size + f.size, files + 1, chunks + f.chunk_count)
         for e in sub.entries:
-            if "/" in e.path:
-                continue
-            size, files, chunks = e.size, int(e.kind == Kind.FILE), e.chunk_count
-            if e.kind == Kind.DIR:
-                below = [f for f in sub.files() if f.path.startswith(e.path + "/")]
-                size, files, chunks = sum(f.size for f in below), len(below), sum(f.chunk_count for f in below)
-            out.append(DriveEntry(comp, _join(path, e.path), _KIND_NAMES[e.kind], size, files, chunks, e.mode,
-                                  space.updated_ns))
+            if "/" not in e.path:
+                size, files, chunks = totals.get(e.path, (0, 0, 0))
+                out.append(DriveEntry(comp, _join(path, e.path), _KIND_NAMES[e.kind], size, files, chunks, e.mode,
+                                      space.updated_ns))
     return out
 
 

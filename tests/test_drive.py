@@ -717,3 +717,39 @@ def test_two_processes_putting_at_once_on_s3_lose_nothing(s3_bench: Bench) -> No
     put_concurrently(s3_bench.base, s3_bench.url, 10)
     index = read_drive(s3_bench.store, "d")
     assert {c: len(list(s.manifest.files())) for c, s in index.spaces.items()} == {"root.w0": 10, "root.w1": 10}
+
+
+# ======================================================================================
+# The example, through the command line
+# ======================================================================================
+def test_the_drive_example_runs_and_its_file_outlives_the_run(tmp_path: FsPath) -> None:
+    from test_examples import run_example
+
+    out, works = run_example("drive", tmp_path)
+    assert out.splitlines()[:4] == ["['a.txt']", "False", "True", "Hello World !"]
+    assert (works / "root.work_2" / "a.txt").read_text() == "Hello World !"
+    assert not (works / "root.work_1" / "a.txt").exists()
+    store = ArtifactStore.open(None, tmp_path / "app")
+    assert [e.component for e in drive_entries(read_drive(store, "drive_1"))] == ["root.work_1"]
+    store.close()
+
+
+def test_the_index_is_the_bytes_format_md_describes() -> None:
+    """A second encoder, written from docs/format.md ("Drive index"), not from driveindex."""
+    import struct
+
+    from cas.chunking import DEFAULT_PARAMS
+    from cas.hashing import chunk_id
+    from cas.manifest import Kind, Manifest, file_entry
+
+    data = b"hello"
+    tree = Manifest.build(DEFAULT_PARAMS, Kind.DIR, [file_entry("a.txt", [(chunk_id(data), len(data))])])
+    m = tree.encode()
+    name = "root.w".encode()
+    raw = (b"PDRV" + struct.pack("<HHQI", 1, 0, 7, 1) + struct.pack("<H", len(name)) + name
+           + struct.pack("<qI", 123, len(m)) + m)
+    index = DriveIndex.decode(raw)
+    assert index.generation == 7 and list(index.spaces) == ["root.w"]
+    assert index.spaces["root.w"].manifest == tree and index.spaces["root.w"].updated_ns == 123
+    assert index.encode() == raw and index.chunk_ids() == {chunk_id(data)}
+
