@@ -9,6 +9,10 @@ work, outside an app, using a Drive through the artifact store the parent gives 
         Print ``ready``, wait for a line on stdin, then put ``count`` new files
         ``<prefix>/f<i>.bin`` one by one; print ``done``.
 
+    python _drive_child.py <store> <work name> <work root> <state dir> die-in-swap <drive> <rel> <version>
+        Write version ``version`` of ``rel`` and put it, but SIGKILL itself inside the index
+        swap: its chunks are stored and it holds the Drive's mutex, the index is not written.
+
     python _drive_child.py <store> <work name> <work root> <state dir> later <drive> <rel> <delay>
         Print ``ready``, sleep ``delay`` seconds, write ``rel`` (version 1) and put it; print ``put``.
 
@@ -80,6 +84,25 @@ def main() -> None:
             write_atomically(Path(root) / prefix / f"f{i}.bin", f"{name} {i}".encode() * 100)
             drive.put(f"{prefix}/f{i}.bin")
         print("done", flush=True)
+    elif mode == "die-in-swap":
+        import signal
+
+        from cas.repository import Repository
+
+        real_swap = Repository.swap
+
+        def swap_then_die(self: Repository, ref: str, change: object, **kw: object) -> object:
+            def dying(old: bytes | None) -> bytes | None:
+                print("in swap", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+                raise AssertionError("unreachable")
+
+            return real_swap(self, ref, dying)
+
+        Repository.swap = swap_then_die  # type: ignore[method-assign,assignment]
+        rel, v = rest[0], int(rest[1])
+        write_atomically(Path(root) / rel, versioned(v))
+        drive.put(rel)
     elif mode == "later":
         rel, delay = rest[0], float(rest[1])
         print("ready", flush=True)

@@ -461,6 +461,74 @@ def test_a_put_killed_at_any_instant_leaves_the_old_entry_or_the_new_one(bench: 
     assert done > 0, "no put finished in any round: kill later"
 
 
+def test_a_put_killed_holding_the_mutex_leaves_the_old_entry_and_blocks_no_one(bench: Bench) -> None:
+    d = Drive("lit://d")
+    with bench.as_work("root.writer") as root:
+        write(root, "ckpt/model.bin", versioned(1))
+        d.put("ckpt/model.bin")
+    kid = start_child(bench.base, str(bench.base / "app"), "root.writer", "die-in-swap", "d", "ckpt/model.bin", "2")
+    out, err = kid.communicate(timeout=120)
+    assert kid.returncode == -9 and out.strip() == "in swap", err
+    assert bench.store.leases.all("mutex"), "the dead holder's mutex record is still there"
+    with bench.as_work("root.reader") as root:
+        d.get("ckpt/model.bin")
+        assert version_of((root / "ckpt" / "model.bin").read_bytes()) == 1  # the old entry, whole
+    with bench.as_work("root.writer") as root:
+        write(root, "ckpt/model.bin", versioned(3))
+        d.put("ckpt/model.bin")  # a holder dead on this host does not count: no wait for its TTL
+    with bench.as_work("root.reader") as root:
+        d.get("ckpt/model.bin", overwrite=True)
+        assert version_of((root / "ckpt" / "model.bin").read_bytes()) == 3
+
+
+class Putter(Work):
+    """Puts files into the Drive until it has put ``count`` and seen the other work's too,
+    so the two works' puts overlap."""
+
+    def __init__(self, tag: str, other: str, count: int) -> None:
+        super().__init__(parallel=True)
+        self.drive = Drive("lit://together")
+        self.tag, self.other, self.count = tag, other, count
+        self.put = 0
+        self.saw_other_while_putting = False
+
+    def run(self) -> None:
+        while self.put < 300 and (self.put < self.count or not self.saw_other_while_putting):
+            rel = f"{self.tag}/f{self.put}.txt"
+            os.makedirs(self.tag, exist_ok=True)
+            with open(rel, "w") as f:
+                f.write(f"{self.tag} {self.put}")
+            self.drive.put(rel)
+            self.put += 1
+            if self.drive.list(".", component_name=self.other):
+                self.saw_other_while_putting = True
+
+
+class TwoPutters(Flow):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Putter("a", "root.b", 15)
+        self.b = Putter("b", "root.a", 15)
+
+    def run(self) -> None:
+        self.a.run()
+        self.b.run()
+        self.a.wait()
+        self.b.wait()
+
+
+def test_two_works_putting_at_once_lose_none_of_each_others_entries(tmp_path: FsPath) -> None:
+    flow = TwoPutters()
+    App(flow, root=tmp_path).run()
+    assert flow.a.saw_other_while_putting and flow.b.saw_other_while_putting
+    store = ArtifactStore.open(None, tmp_path)
+    index = read_drive(store, "together")
+    store.close()
+    for work, tag in ((flow.a, "a"), (flow.b, "b")):
+        names = {e.path for e in index.spaces[f"root.{tag}"].manifest.files()}
+        assert names == {f"{tag}/f{i}.txt" for i in range(work.put)}
+
+
 # ======================================================================================
 # A model of put/delete/list, checked by hypothesis
 # ======================================================================================
