@@ -218,10 +218,13 @@ class Drive:
 
     protocol = LIT
 
-    def __init__(self, id: str, allow_duplicates: bool = False) -> None:  # noqa: A002 (the original's name)
+    def __init__(self, id: str, allow_duplicates: bool = False,  # noqa: A002 (the original's name)
+                 component_name: str | None = None) -> None:
         self.id = check_drive_name(id)
         self.allow_duplicates = bool(allow_duplicates)
-        self._owner: str | None = None
+        #: the original's argument, kept so its code runs; as there, the work that holds or
+        #: receives the Drive is its component once it runs (a work never acts as another)
+        self._owner: str | None = component_name
         self._owner_work: Any = None
 
     # -- identity ----------------------------------------------------------------------

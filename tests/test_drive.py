@@ -121,6 +121,16 @@ def test_a_drive_is_named_by_what_follows_lit_and_pickles() -> None:
     assert back == d and back.allow_duplicates
 
 
+def test_inside_a_work_the_running_work_is_the_drives_component(bench: Bench) -> None:
+    d = Drive("lit://d", component_name="root.someone")  # the original's argument is taken
+    assert d.component_name == "root.someone"
+    with bench.as_work("root.me") as root:
+        assert d.component_name == "root.me"  # but a work only ever puts as itself
+        write(root, "f.txt", b"f")
+        d.put("f.txt")
+        assert [e.component for e in d.entries()] == ["root.me"]
+
+
 # ======================================================================================
 # put / list / get / delete, in one process
 # ======================================================================================
