@@ -60,7 +60,7 @@ class RefStore(Closable, ABC):
         return self._get(check_ref_name(name))
 
     def put(self, name: str, value: Payload) -> None:
-        """Set ``name`` to ``value`` (any bytes-like buffer) durably, replacing any previous value."""
+        """Set ``name`` to ``value`` (any bytes-like) durably, replacing any previous value."""
         self._ensure_open()
         self._put(check_ref_name(name), bytes(value))
 
