@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import CasError, GcError
 from .hashing import ChunkId
@@ -26,6 +27,13 @@ from .store.pack import Compactable, CompactStats
 from .store.refs import RefStore
 
 _DELETE_BATCH = 1000
+
+
+class NamesChunks(Protocol):
+    """What a ref's value decodes to for a collection: anything that names the chunks it
+    needs (a :class:`~cas.manifest.Manifest`; a layer above may keep several trees in one ref)."""
+
+    def chunk_ids(self) -> set[ChunkId]: ...
 
 
 @dataclass
@@ -51,7 +59,7 @@ class GcReport:
         return text
 
 
-def live_chunks(refs: RefStore, decode: Callable[[bytes], Manifest] = Manifest.decode) -> tuple[int, set[ChunkId]]:
+def live_chunks(refs: RefStore, decode: Callable[[bytes], NamesChunks] = Manifest.decode) -> tuple[int, set[ChunkId]]:
     """(number of refs, every chunk id their manifests name). Raises GcError if any ref is unreadable."""
     live: set[ChunkId] = set()
     count = 0
@@ -81,13 +89,14 @@ def collect_garbage(
     dry_run: bool = False,
     compact: bool = True,
     min_garbage: float = 0.2,
-    decode: Callable[[bytes], Manifest] = Manifest.decode,
+    decode: Callable[[bytes], NamesChunks] = Manifest.decode,
 ) -> GcReport:
     """Delete every chunk of ``chunks`` that no manifest in ``refs`` names.
 
     Raises StoreBusyError at once if a persist (or another GC) holds a lease on the store,
     and GcError (deleting nothing) if a ref cannot be read. ``decode`` turns a ref's value
-    into its manifest (a layer above may wrap manifests in refs of its own format).
+    into its manifest, or anything that names its chunks (a layer above may wrap manifests
+    in refs of its own format, or keep several in one ref).
     """
     report = GcReport(dry_run=dry_run)
     leases.break_dead()

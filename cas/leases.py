@@ -22,12 +22,17 @@ from a thread, and others treat it as expired ``ttl`` seconds after its last ren
 holder's clock: clocks of hosts sharing a store must agree to within ``3 * ttl / 4``). On the
 holder's own host a lease whose process is gone is dead at once, so a killed persist blocks
 GC only from other hosts, and only for ``ttl``. The record format is in docs/format.md.
+
+A third kind, the *mutex* (:meth:`Leases.mutex`), serializes read-modify-writes of one ref
+(a Drive's index: two works putting at once must not lose each other's entries), with the
+same write-then-read rule among the takers of one key.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import socket
 import threading
@@ -42,6 +47,9 @@ from .store.refs import RefStore
 LEASE_VERSION = 1
 #: Seconds after its last renewal that a lease of another host counts as abandoned.
 DEFAULT_TTL = 600.0
+#: The same for a mutex (:meth:`Leases.mutex`): held for one read-modify-write of a ref, so a
+#: holder that died on another host blocks the others for at most this long.
+MUTEX_TTL = 60.0
 
 
 def _boot_id() -> str:
@@ -115,9 +123,13 @@ class Leases:
 
     # -- reading ---------------------------------------------------------------------
     def all(self, kind: str | None = None) -> list[Lease]:
-        """Every lease record present (live or not) of ``kind`` (``shared``/``exclusive``)."""
+        """Every lease record present (live or not) of ``kind`` (``shared``/``exclusive``/``mutex``)."""
+        return self.all_under(f"{kind}/" if kind else "")
+
+    def all_under(self, prefix: str) -> list[Lease]:
+        """Every lease record whose name starts with ``prefix`` (live or not)."""
         out = []
-        for name in self.refs.names(f"{kind}/" if kind else ""):
+        for name in self.refs.names(prefix):
             raw = self.refs.get(name)
             if raw is not None and (lease := _decode(name, raw)) is not None:
                 out.append(lease)
@@ -133,21 +145,22 @@ class Leases:
         return sum(self.refs.delete(lease.name) for lease in self.all() if not lease.live(now))
 
     # -- holding ---------------------------------------------------------------------
-    def _put(self, name: str, kind: str, what: str) -> None:
+    def _put(self, name: str, kind: str, what: str, ttl: float) -> None:
         record = {"v": LEASE_VERSION, "kind": kind, "what": what, "host": HOST, "pid": os.getpid(),
-                  "start": _start_time(os.getpid()), "renewed": time.time(), "ttl": self.ttl}
+                  "start": _start_time(os.getpid()), "renewed": time.time(), "ttl": ttl}
         self.refs.put(name, json.dumps(record, sort_keys=True).encode())
 
     @contextmanager
-    def _held(self, kind: str, what: str) -> Iterator[str]:
-        name = f"{kind}/{secrets.token_hex(8)}"
-        self._put(name, kind, what)
+    def _held(self, kind: str, what: str, *, prefix: str | None = None, ttl: float | None = None) -> Iterator[str]:
+        name = f"{prefix if prefix is not None else kind + '/'}{secrets.token_hex(8)}"
+        life = self.ttl if ttl is None else ttl
+        self._put(name, kind, what, life)
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(self.ttl / 4):
+            while not stop.wait(life / 4):
                 try:
-                    self._put(name, kind, what)
+                    self._put(name, kind, what, life)
                 except CasError:
                     pass  # a store briefly unreachable: the next renewal tries again
 
@@ -192,3 +205,34 @@ class Leases:
                     self.refs.location,
                 )
             yield
+
+    @contextmanager
+    def mutex(self, key: str, what: str, *, wait: float = 60.0, ttl: float = MUTEX_TTL) -> Iterator[None]:
+        """Hold the mutex ``key``: while the block runs, no other process sharing the store
+        holds the same one (the rule that makes a read-modify-write of a ref lose nothing).
+
+        The record is ``mutex/<key>/<token>``. A taker puts its record, *then* lists the
+        records of ``key``: if another live one is there it removes its own and tries again
+        after a random pause (two that collide both back off; the jitter lets one through),
+        and raises :class:`StoreBusyError` once ``wait`` seconds have passed. A holder killed
+        on this host stops counting at once, on another host ``ttl`` seconds after its last
+        renewal (so a holder stalled longer than ``ttl`` could overlap the next one: keep the
+        block short). A garbage collection backs off while a mutex is held.
+        """
+        prefix = f"mutex/{key}/"
+        deadline = time.monotonic() + wait
+        pause = self.poll / 4
+        while True:
+            with self._held("mutex", what, prefix=prefix, ttl=ttl) as mine:
+                now = time.time()
+                others = [lease for lease in self.all_under(prefix) if lease.name != mine and lease.live(now)]
+                if not others:
+                    yield
+                    return
+            if time.monotonic() >= deadline:
+                raise StoreBusyError(
+                    f"{self.refs.location}: {what} waited {wait:.0f} s for {others[0].describe()} to finish",
+                    self.refs.location,
+                )
+            time.sleep(random.uniform(0, pause))
+            pause = min(pause * 2, 1.0)

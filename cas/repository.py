@@ -10,13 +10,14 @@ agree through the leases (:mod:`cas.leases`) so that stays true while both run.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadStoreUrlError, FileChangedError, StoreError
-from .gc import GcReport, collect_garbage
+from .gc import GcReport, NamesChunks, collect_garbage
 from .hashing import ChunkId
 from .leases import Leases
 from .manifest import Manifest
@@ -30,6 +31,8 @@ from .workspace import Workspace
 PUSH_ATTEMPTS = 3
 #: Bytes of chunks read and handed to the store at once (``put_many`` holds a batch in memory).
 PUSH_BATCH = 64 << 20
+#: Seconds a :meth:`Repository.swap` waits for another swap of the same ref to finish.
+SWAP_WAIT = 120.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ class Repository:
 
     def push(self, ref: str, path: str | os.PathLike[str], workspace: Workspace, *,
              encode: Callable[[Manifest], bytes] = Manifest.encode, attempts: int = PUSH_ATTEMPTS,
-             missing_ok: bool = False) -> Pushed | None:
+             missing_ok: bool = False,
+             merge: Callable[[bytes | None, Manifest], bytes | None] | None = None) -> Pushed | None:
         """Snapshot the tree at ``path``, store the chunks the store lacks, then set ``ref``
         to ``encode(manifest)``.
 
@@ -123,6 +127,12 @@ class Repository:
         rewritten: a second push of an unchanged tree stores nothing at all.
 
         None (and nothing written) if nothing is at ``path`` and ``missing_ok``.
+
+        With ``merge``, the ref is not simply replaced: it becomes ``merge(current value,
+        manifest)`` through :meth:`swap`, so two pushes into one ref that holds several trees
+        (a Drive's index) never lose each other's; ``encode`` is then unused. ``merge`` may
+        raise to refuse the push: the ref is left as it was (chunks already stored stay, as
+        garbage until a collection, or for the next push to reuse).
         """
         with self.leases.shared(f"push of {ref}"):
             for _ in range(attempts):
@@ -133,6 +143,9 @@ class Repository:
                 seed = SeedSource(m, path)
                 added = self._store_chunks(seed, sorted(ids - self.chunks.has_many(ids)), m.chunk_sizes())
                 if not seed.stale:
+                    if merge is not None:
+                        self.swap(ref, functools.partial(_merged, merge, m))
+                        return Pushed(m, added)
                     value = encode(m)
                     if self.refs.get(ref) != value:
                         self.refs.put(ref, value)
@@ -142,6 +155,29 @@ class Repository:
             f"{where} kept changing while it was pushed ({attempts} snapshots, each changed before its chunks "
             f"were stored): no manifest written, {ref!r} left as it was; push again once nothing writes to it", where,
         )
+
+    def swap(self, ref: str, change: Callable[[bytes | None], bytes | None], *, wait: float = SWAP_WAIT) -> bytes | None:
+        """Set ``ref`` to ``change(its current value)`` (None: no such ref), with no other
+        swap of ``ref`` in between, from any process sharing the store: the read, ``change``
+        and the write run under the ref's mutex (:meth:`cas.leases.Leases.mutex`). What it
+        returns is the ref's new value; None deletes the ref; an equal value writes nothing.
+        ``change`` may raise to leave the ref as it was. The write is one atomic put, so a
+        process killed at any instant leaves the old value or the new one, whole.
+
+        Only swaps exclude each other: a plain ``refs.put`` of the same ref is not held back.
+        A swap that adds a tree must come after its chunks are stored and inside the shared
+        lease that protects them (:meth:`push` with ``merge`` does both); one that only
+        removes trees needs no lease. StoreBusyError after ``wait`` seconds of another swap.
+        """
+        with self.leases.mutex(f"ref/{ref}", f"update of {ref}", wait=wait):
+            old = self.refs.get(ref)
+            new = change(old)
+            if new is None:
+                if old is not None:
+                    self.refs.delete(ref)
+            elif new != old:
+                self.refs.put(ref, new)
+            return new
 
     def _store_chunks(self, seed: SeedSource, ids: list[ChunkId], sizes: dict[ChunkId, int]) -> int:
         """Copy ``ids`` from ``seed`` into the store in batches of about PUSH_BATCH bytes (a
@@ -160,7 +196,7 @@ class Repository:
         return added
 
     def gc(self, *, dry_run: bool = False, compact: bool = True, min_garbage: float = 0.2,
-           decode: Callable[[bytes], Manifest] = Manifest.decode) -> GcReport:
+           decode: Callable[[bytes], NamesChunks] = Manifest.decode) -> GcReport:
         """Delete the chunks no ref's manifest names: :func:`cas.gc.collect_garbage`, whose
         guarantees hold (``decode`` turns a ref's value into its manifest)."""
         return collect_garbage(self.chunks, self.refs, self.leases, dry_run=dry_run, compact=compact,
@@ -176,6 +212,10 @@ class Repository:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _merged(merge: Callable[[bytes | None, Manifest], bytes | None], m: Manifest, old: bytes | None) -> bytes | None:
+    return merge(old, m)
 
 
 def _require_local(root: Path) -> None:

@@ -4,8 +4,14 @@ Built on :mod:`cas`: a Path resolves to a manifest at its origin; ``get`` moves 
 chunks the receiver lacks and never writes an unverified byte into a user's file.
 """
 
+from .drive import Drive
 from .errors import (
     AuthenticationError,
+    DriveAmbiguousError,
+    DriveDuplicateError,
+    DriveFileNotFoundError,
+    DriveNameError,
+    DriveTimeoutError,
     LitPathError,
     OlderVersionError,
     OriginError,
@@ -26,7 +32,8 @@ LightningFlow = Flow
 LightningApp = App
 
 __all__ = [
-    "App", "AuthenticationError", "Flow", "LightningApp", "LightningFlow", "LightningWork", "LitPathError",
+    "App", "AuthenticationError", "Drive", "DriveAmbiguousError", "DriveDuplicateError", "DriveFileNotFoundError",
+    "DriveNameError", "DriveTimeoutError", "Flow", "LightningApp", "LightningFlow", "LightningWork", "LitPathError",
     "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferError", "TransferRecord", "Work",
     "WorkError",
 ]

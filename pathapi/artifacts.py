@@ -17,11 +17,13 @@ from pathlib import Path as FsPath
 
 from cas import Manifest
 from cas.errors import ManifestError, UnsafePathError
-from cas.gc import GcReport
+from cas.gc import GcReport, NamesChunks
 from cas.manifest import Kind, resolve_link
 from cas.repository import PUSH_ATTEMPTS, Repository
 from cas.workspace import Workspace
 
+from .driveindex import MAGIC as DRIVE_MAGIC
+from .driveindex import DriveIndex
 from .errors import PathapiError
 from .paths import PathOutsideRootError, resolve_under
 from .version import UNKNOWN, Version
@@ -58,7 +60,12 @@ def decode_ref(raw: bytes) -> tuple[Manifest, Version]:
     return Manifest.decode(raw[_REF_HEAD.size + n:]), version
 
 
-def _manifest_of_ref(raw: bytes) -> Manifest:
+def chunks_of_ref(raw: bytes) -> NamesChunks:
+    """What a ref of the artifact store keeps alive: a persisted ref's (or ``cas push``'s)
+    manifest, or a Drive's index with every component's tree (:mod:`pathapi.driveindex`).
+    Garbage collection decodes every ref with this; ManifestError if one is malformed."""
+    if raw[:4] == DRIVE_MAGIC:
+        return DriveIndex.decode(raw)
     return decode_ref(raw)[0]
 
 
@@ -178,8 +185,8 @@ class ArtifactStore:
         return self.persist(work, rel, path, workspace, version=version)
 
     def gc(self, *, dry_run: bool = False, min_garbage: float = 0.2) -> GcReport:
-        """Delete the chunks no persisted manifest names (:meth:`Repository.gc`)."""
-        return self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=_manifest_of_ref)
+        """Delete the chunks no persisted manifest and no Drive names (:meth:`Repository.gc`)."""
+        return self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=chunks_of_ref)
 
     def close(self) -> None:
         self.repo.close()

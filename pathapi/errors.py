@@ -69,6 +69,27 @@ class LitPathError(PathapiError, ValueError):
     """A ``lit://`` string that does not name a place inside its work's root."""
 
 
+class DriveNameError(LitPathError):
+    """A Drive name that is not ``lit://`` followed by one plain name (no ``/``)."""
+
+
+class DriveDuplicateError(PathapiError, FileExistsError):
+    """A ``Drive.put`` refused: another component already put files at that path, and the
+    Drive was made without ``allow_duplicates``. Nothing was changed."""
+
+
+class DriveAmbiguousError(PathapiError, LookupError):
+    """A ``Drive.get`` matched the files of several components: name one (``component_name``)."""
+
+
+class DriveFileNotFoundError(PathapiError, FileNotFoundError):
+    """The Drive holds nothing at that path (for that component, or put by this work)."""
+
+
+class DriveTimeoutError(DriveFileNotFoundError, TimeoutError):
+    """``Drive.get(timeout=...)``: nothing appeared at that path before the timeout."""
+
+
 class TransferError(PathapiError):
     """A ``Path.get`` failed on an error of cas (a store, a manifest, the materialize).
 

@@ -42,6 +42,11 @@ from pathapi.cli import UsageError
 from pathapi.runtime.context import WorkContext, current, set_current
 from pathapi.errors import (
     AuthenticationError,
+    DriveAmbiguousError,
+    DriveDuplicateError,
+    DriveFileNotFoundError,
+    DriveNameError,
+    DriveTimeoutError,
     LitPathError,
     OlderVersionError,
     OriginError,
@@ -86,6 +91,11 @@ BUILTINS: dict[type[LocatedError], tuple[type[Exception], ...]] = {
     UsageError: (ValueError,),
     PathOutsideRootError: (ValueError,),
     SubPathError: (ValueError,),
+    DriveNameError: (ValueError,),
+    DriveDuplicateError: (FileExistsError, OSError),
+    DriveAmbiguousError: (LookupError,),
+    DriveFileNotFoundError: (FileNotFoundError, OSError),
+    DriveTimeoutError: (FileNotFoundError, TimeoutError, OSError),
 }
 #: The older names of ``where``, kept for the code and users that read them.
 ALIASES = {UnsafePathError: "path", SnapshotError: "path", MaterializeError: "path", StoreError: "location",

@@ -41,7 +41,7 @@ MATERIALIZE_INNER = {
     "run": {"apply", "checks", "journal", "paths", "resume", "staging"},
 }
 #: pathapi modules that import no other pathapi module but the error tree (leaves others build on).
-PATHAPI_LEAVES = {"errors", "version", "wire/protocol", "aio", "chunkcache", "paths"}
+PATHAPI_LEAVES = {"errors", "version", "wire/protocol", "aio", "chunkcache", "paths", "driveindex"}
 #: pathapi modules that import nothing of the runtime (the wire layer serves both sides).
 PATHAPI_NO_RUNTIME = ["wire/codec", "wire/client", "wire/origin", "artifacts", "held"]
 

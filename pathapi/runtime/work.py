@@ -11,6 +11,7 @@ import functools
 import os
 from typing import Any, Protocol
 
+from ..drive import Drive
 from ..path import LIT, Path
 from .context import current
 
@@ -75,6 +76,8 @@ class Work:
             value.attach_origin(self)
         elif isinstance(value, Path) and not value.has_origin:
             value.attach_origin(self)
+        elif isinstance(value, Drive):  # a Drive held by a work is that work's (its component)
+            value.attach_owner(self)
         object.__setattr__(self, name, value)
         if isinstance(value, Path) and not name.startswith("_"):
             _report_own(self, value)
