@@ -59,8 +59,9 @@ class RefStore(Closable, ABC):
         self._ensure_open()
         return self._get(check_ref_name(name))
 
-    def put(self, name: str, value: bytes) -> None:
-        """Set ``name`` to ``value`` durably, replacing any previous value."""
+    def put(self, name: str, value: bytes | bytearray | memoryview) -> None:
+        """Set ``name`` to ``value`` (any bytes-like; read back as bytes) durably, replacing any
+        previous value."""
         self._ensure_open()
         self._put(check_ref_name(name), bytes(value))
 
