@@ -203,8 +203,28 @@ class ArtifactStore:
         return self.persist(work, rel, path, workspace, version=version)
 
     def gc(self, *, dry_run: bool = False, min_garbage: float = 0.2) -> GcReport:
-        """Delete the chunks no persisted manifest names (:meth:`Repository.gc`)."""
-        return self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=manifest_of_ref)
+        """Delete the chunks no persisted manifest names (:meth:`Repository.gc`). A history
+        entry (:mod:`pathapi.history`) keeps its chunks while its Path's ref exists; the
+        history of a deleted Path is dropped (its entries listed before the collection, so
+        one a persist adds meanwhile stays)."""
+        try:
+            orphans = history.orphans(self.refs)
+        except CasError:
+            orphans = []  # a damaged ref: the collection itself refuses it (GcError), deleting nothing
+        dead = set(orphans)
+
+        def live_tree(raw: bytes) -> Manifest:
+            if history.is_history(raw):
+                name, _, _, pref = history.decode_full(raw)
+                if history.ref_name(name, decode_ref(pref)[1]) in dead:
+                    return _NO_CHUNKS
+            return manifest_of_ref(raw)
+
+        report = self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=live_tree)
+        if not dry_run:
+            for name in orphans:
+                self.refs.delete(name)
+        return report
 
     def close(self) -> None:
         self.repo.close()
