@@ -101,7 +101,7 @@ class UiServer:
         if self._valid(request.query.get("token")):
             found = web.HTTPFound(str(request.rel_url.without_query_params("token")), headers=HEADERS)
             found.set_cookie(self.cookie, self.token, httponly=True, samesite="Strict", path="/")
-            return found
+            raise found
         bearer = request.headers.get("Authorization", "")
         given = [request.cookies.get(self.cookie), request.headers.get("X-Pathapi-Token"),
                  bearer[7:] if bearer.startswith("Bearer ") else None]
