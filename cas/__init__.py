@@ -23,17 +23,18 @@ from .hashing import ChunkId, chunk_id
 from .manifest import Entry, Kind, Manifest
 from .materialize import MaterializeResult, materialize, recover
 from .plan import FetchPlan, UpdatePlan, plan_fetch, plan_update
+from .repository import Pushed, Repository
 from .snapshot import snapshot
 from .sources import SeedSource
 from .statcache import StatCache
-from .store import ChunkSource, ChunkStore, LocalChunkStore, MemoryChunkStore
+from .store import ChunkSource, ChunkStore, LocalChunkStore, LocalRefStore, MemoryChunkStore, RefStore
 from .workspace import Workspace
 
 __all__ = [
     "DEFAULT_PARAMS", "CasError", "ChunkCorruptError", "ChunkError", "ChunkId",
     "ChunkNotFoundError", "ChunkSource", "ChunkStore", "Chunker", "ChunkerParams", "Entry",
-    "FetchPlan", "FileChangedError", "Kind", "LocalChunkStore", "Manifest", "ManifestError",
-    "MaterializeError", "MaterializeResult", "MemoryChunkStore", "SeedSource", "SnapshotError",
-    "StatCache", "StoreError", "UnsafePathError", "UnsupportedVersionError", "UpdatePlan",
+    "FetchPlan", "FileChangedError", "Kind", "LocalChunkStore", "LocalRefStore", "Manifest", "ManifestError",
+    "MaterializeError", "MaterializeResult", "MemoryChunkStore", "Pushed", "RefStore", "Repository", "SeedSource",
+    "SnapshotError", "StatCache", "StoreError", "UnsafePathError", "UnsupportedVersionError", "UpdatePlan",
     "Workspace", "chunk_id", "materialize", "plan_fetch", "plan_update", "recover", "snapshot",
 ]

@@ -51,6 +51,26 @@ class Repository:
         self.leases = Leases(leases)
         self.location = location
 
+    @staticmethod
+    def resolve_url(url: str | os.PathLike[str]) -> str:
+        """``url`` as :meth:`open` reads it, checked without opening anything: an
+        ``s3://bucket/prefix`` URL as given, a folder (``file://`` optional) as an absolute
+        path. BadStoreUrlError for a scheme no store reads or a malformed S3 URL."""
+        text = os.fspath(url)
+        if text.startswith("s3://"):
+            from .store.s3.bucket import parse_url
+
+            try:
+                parse_url(text)
+            except ValueError as e:
+                raise BadStoreUrlError(f"{text}: {e}", text) from None
+            return text
+        if "://" in text and not text.startswith("file://"):
+            scheme = text.split("://", 1)[0]
+            raise BadStoreUrlError(f"{text}: unsupported store scheme {scheme!r}; give a folder, file://folder "
+                                   "or s3://bucket/prefix", text)
+        return str(Path(text.removeprefix("file://")).absolute())
+
     @classmethod
     def open(cls, url: str | os.PathLike[str], *, must_exist: bool = False) -> Repository:
         """The repository at ``url``: a folder (``file://`` optional) or ``s3://bucket/prefix``.
@@ -61,14 +81,10 @@ class Repository:
         the standard AWS environment and config files; ``AWS_ENDPOINT_URL`` for
         S3-compatible servers). Any other scheme raises :class:`BadStoreUrlError`.
         """
-        text = os.fspath(url)
+        text = cls.resolve_url(url)
         if text.startswith("s3://"):
             return cls._open_s3(text)
-        if "://" in text and not text.startswith("file://"):
-            scheme = text.split("://", 1)[0]
-            raise BadStoreUrlError(f"unsupported store {text!r} (scheme {scheme!r}): give a folder, file://folder "
-                                   "or s3://bucket/prefix", text)
-        root = Path(text.removeprefix("file://")).absolute()
+        root = Path(text)
         if must_exist:
             _require_local(root)
         elif (root / "FORMAT").is_file() and not (root / "chunks").exists():

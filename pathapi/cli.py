@@ -20,7 +20,8 @@ import threading
 import traceback
 from types import ModuleType
 
-from cas.errors import CasError, StoreBusyError
+from cas.errors import BadStoreUrlError, CasError, StoreBusyError
+from cas.repository import Repository
 
 from . import demo
 from .artifacts import ArtifactStore
@@ -101,21 +102,15 @@ def _store_arg(value: str, flag: str = "--store") -> str:
     paths from their own folders, so a relative ``--store`` would give each work a store of
     its own). UsageError, before any work starts, for a URL no store reads (each work would
     fail to start with it, reporting the same error once per work)."""
-    if value.startswith("s3://"):
-        from cas.store.s3.bucket import parse_url
-
-        try:
-            parse_url(value)
-        except ValueError as e:
-            raise UsageError(f"{flag} {value}: {e}") from None
+    try:
+        url = Repository.resolve_url(value)
+    except BadStoreUrlError as e:
+        raise UsageError(f"{flag} {e}") from None  # the message starts with the URL
+    if url.startswith("s3://"):
         if importlib.util.find_spec("boto3") is None:
             raise UsageError(f"{flag} {value}: s3:// stores need boto3, which is not installed: pip install 'pathapi[s3]'")
-        return value
-    if "://" in value and not value.startswith("file://"):
-        scheme = value.split("://", 1)[0]
-        raise UsageError(f"{flag} {value}: unsupported artifact store scheme {scheme!r}; "
-                         "give a folder, file:///folder or s3://bucket/prefix")
-    return _check_folder_arg(flag, value.removeprefix("file://"))
+        return url
+    return _check_folder_arg(flag, url)
 
 
 # -- sub-commands ---------------------------------------------------------------------------

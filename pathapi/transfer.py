@@ -29,6 +29,7 @@ from .paths import PathOutsideRootError, resolve_under
 from .runtime.context import WorkContext, require_run
 from .version import Version
 from .wire.client import OriginClient, OriginSource
+from .wire.samehost import SameHostSource
 
 STALE_RETRIES = 5
 PROGRESS_MIN_BYTES = 64 << 20
@@ -65,6 +66,9 @@ class TransferRecord:
     #: (the automatic get at the start of a run); ``note`` then says which versions
     kept_local: bool = False
     note: str = ""
+    #: chunks read straight from the origin's files on this host (wire/samehost.py): the
+    #: rest of ``chunks_transferred`` crossed a socket
+    same_host_chunks: int = 0
     #: plain bytes of the tree's distinct chunks that were found locally (not moved)
     bytes_reused: int = 0
 
@@ -139,7 +143,7 @@ def _locate(ctx: WorkContext, origin: str, rel: str) -> _Located:
             return persisted
         if m is None:
             return _Located(None, ctx.artifacts.chunks, "origin", None)
-        return _Located(m, OriginSource(client, m), "origin", version)
+        return _Located(m, client.source(m), "origin", version)
     return _persisted(ctx, origin, rel) or _Located(None, ctx.artifacts.chunks, "artifacts", None)
 
 
@@ -224,12 +228,13 @@ def get(path: SharedPath, *, overwrite: bool, in_place: bool = False, missing_ok
             raise transfer_error(e, origin, rel, dest) from e
         if found.version is not None:
             held.record(origin, rel, found.version)
-        wire = source.bytes_received if isinstance(source, OriginSource) else counting.bytes
+        wire = source.bytes_received if isinstance(source, (OriginSource, SameHostSource)) else counting.bytes
         sizes = m.chunk_sizes()
         return _recorded(ctx, origin, rel, TransferRecord(
             files=r.files, bytes_total=r.bytes_total, chunks_transferred=r.chunks_fetched,
             bytes_transferred=wire, chunks_reused=len(sizes) - r.chunks_fetched,
             seconds=time.perf_counter() - t0, source=kind, manifest_id=m.id.hex(), version=found.version,
+            same_host_chunks=source.same_host_chunks if isinstance(source, SameHostSource) else 0,
             bytes_reused=max(0, sum(sizes.values()) - r.bytes_fetched),
         ))
     raise StaleManifestError(f"{rel!r} kept changing at {origin!r} during {STALE_RETRIES} attempts: {last}", origin)

@@ -112,7 +112,7 @@ def logs(refs: RefStore) -> dict[tuple[str, str], int]:
 
 #: The fields of a transfer record that a log keeps (``Path.last_transfer``'s, docs/guide.md).
 FIELDS = ("files", "bytes_total", "chunks_transferred", "bytes_transferred", "chunks_reused", "bytes_reused",
-          "seconds", "source", "manifest_id", "version", "kept_local", "note")
+          "seconds", "source", "manifest_id", "version", "kept_local", "note", "same_host_chunks")
 
 
 def entry(fields: Mapping[str, Any], at: float | None = None) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def test_a_root_below_a_file_names_the_file_in_the_way(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("url, says", [
-    ("ftp://x", "unsupported artifact store scheme 'ftp'"),
+    ("ftp://x", "unsupported store scheme 'ftp'"),
     ("s3://", "not an S3 URL"),
 ])
 def test_a_store_url_no_store_reads_is_refused_once_before_any_work_starts(tmp_path: Path, url: str, says: str) -> None:

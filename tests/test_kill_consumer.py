@@ -75,6 +75,17 @@ from cas.workspace import Workspace
 
 BIG = (1024 if SOAK else 20) * MiB
 KILLS = int(os.environ.get("PATHAPI_KILLS", "60" if SOAK else "30"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def over_the_network() -> Iterator[None]:
+    """Transfers here cross the socket: what the origin sent is counted on its HTTP side, and the consumer's
+    progress by its HTTP source. The resume
+    logic is the materializer's, whatever the source; the same-host path's kills are in
+    test_samehost.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATHAPI_SAME_HOST", "0")
+        yield
 REL = "ckpt"
 TALLY = Tally("test_kill_consumer")
 

@@ -56,6 +56,16 @@ from cas.workspace import Workspace
 
 BIG = (256 if SOAK else 20) * MiB
 KILLS = int(os.environ.get("PATHAPI_KILLS", "60" if SOAK else "20"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def over_the_network() -> Iterator[None]:
+    """Transfers here cross the socket: the kills are timed by the HTTP origin's answers. The resume
+    logic is the materializer's, whatever the source; the same-host path's kills are in
+    test_samehost.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATHAPI_SAME_HOST", "0")
+        yield
 TIMEOUT = 10.0  # the consumer's configured timeout
 REL = "ckpt"
 TALLY = Tally("test_kill_origin")

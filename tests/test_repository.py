@@ -212,7 +212,7 @@ def test_open_of_an_s3_url_pushes_and_reads_back_through_the_bucket(s3_url: str,
 
 
 @pytest.mark.parametrize("url, says", [
-    ("ftp://host/store", "unsupported store 'ftp://host/store' (scheme 'ftp')"),
+    ("ftp://host/store", "ftp://host/store: unsupported store scheme 'ftp'"),
     ("s3://", "not an S3 URL"),
     ("s3://bucket/p?x=1", "takes no query"),
 ])

@@ -25,6 +25,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -38,6 +39,15 @@ from pathapi.artifacts import ArtifactStore
 
 MiB = 1 << 20
 SOURCE = "root.source"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def over_the_network() -> Iterator[None]:
+    """These faults are injected into the HTTP origin (see above): keep every transfer on the
+    socket. The same-host path has its own faults in test_samehost.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATHAPI_SAME_HOST", "0")
+        yield
 CONSUMER = "root.consumer"
 
 

@@ -18,7 +18,7 @@ import blake3
 
 from ..errors import BadRefNameError, StoreError, UnsupportedVersionError
 from ..fsutil import fsync_dir
-from .base import Closable
+from .base import Closable, Payload
 
 MAGIC = b"CASR"
 VERSION = 2
@@ -59,9 +59,8 @@ class RefStore(Closable, ABC):
         self._ensure_open()
         return self._get(check_ref_name(name))
 
-    def put(self, name: str, value: bytes | bytearray | memoryview) -> None:
-        """Set ``name`` to ``value`` (any bytes-like; read back as bytes) durably, replacing any
-        previous value."""
+    def put(self, name: str, value: Payload) -> None:
+        """Set ``name`` to ``value`` (any bytes-like) durably, replacing any previous value."""
         self._ensure_open()
         self._put(check_ref_name(name), bytes(value))
 

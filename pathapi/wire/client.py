@@ -23,10 +23,12 @@ from cas import Manifest, delta
 from cas.compress import decompress
 from cas.errors import ChunkNotFoundError
 from cas.hashing import ChunkId, chunk_id, verify
+from cas.store.base import ChunkSource
 
 from ..aio import io_loop
 from ..errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
 from ..version import Version
+from . import samehost
 from .codec import (
     encode_chunk_request,
     encode_delta_request,
@@ -91,7 +93,10 @@ class OriginClient:
         self.name = name
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.secret = secret
         self._headers = request_headers(secret)
+        #: the origin's same-host socket, when its last manifest answer offered one usable here
+        self.same_host: str | None = None
 
     def _t(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout)
@@ -211,7 +216,16 @@ class OriginClient:
             version = manifest_version(headers)
         except ValueError as e:
             raise OriginError(f"origin {self.name!r} sent a malformed {HEADER_VERSION} header: {e}", self.name) from None
+        self.same_host = samehost.parse_advertisement(headers.get(samehost.HEADER_SAME_HOST))
         return m, version
+
+    def source(self, manifest: Manifest) -> ChunkSource:
+        """Where the chunks of ``manifest`` (just answered by :meth:`current`) come from: the
+        origin's own files when it runs on this host and offered them, else HTTP."""
+        http = OriginSource(self, manifest)
+        if self.same_host is None:
+            return http
+        return samehost.SameHostSource(self.same_host, self.secret, self.timeout, manifest, http, http.location)
 
     def exists(self, rel: str) -> bool:
         status, body, _ = self._call("GET", ROUTE_EXISTS, params={"path": rel}, limit=_SMALL_ANSWER)

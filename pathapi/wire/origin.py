@@ -17,6 +17,7 @@ import asyncio
 import errno
 import functools
 import hmac
+import logging
 import os
 import resource
 import stat
@@ -42,7 +43,7 @@ from cas.workspace import Workspace
 from ..chunkcache import Frame, FrameCache, PriorityGate
 from ..paths import PathOutsideRootError, resolve_under
 from ..version import Version
-from . import codec
+from . import codec, samehost
 from .codec import decode_chunk_request, decode_delta_request, frame_head
 from .protocol import (
     HEADER_PROTOCOL,
@@ -60,6 +61,8 @@ from .protocol import (
     STATUS_STALE,
     STATUS_UNKNOWN,
 )
+
+log = logging.getLogger(__name__)
 
 #: Manifests kept for consumers still fetching one (older ones answer 410: ask again), and
 #: the chunk locations they may hold in all beyond the newest two: a manifest of 100k small
@@ -327,6 +330,9 @@ class _Served:
     root: str
     #: chunk id -> (file, offset, length, rank: the chunk's place in the manifest's order)
     where: dict[bytes, tuple[str, int, int, int]]
+    #: the manifest's files under ``root``, in manifest order (the same-host numbering),
+    #: made when a same-host consumer first asks
+    paths: list[str] | None = None
 
 
 class OriginService:
@@ -363,6 +369,8 @@ class OriginService:
         self._count_lock = threading.Lock()
         self.cache = FrameCache(cache_bytes)
         self._answers: PriorityGate | None = None
+        #: the same-host fast path (samehost.py), where this host allows it
+        self.fd_server: samehost.FdServer | None = None
 
     async def start(self, port: int = 0) -> str:
         self._answers = PriorityGate(MAX_ANSWERS)
@@ -393,9 +401,16 @@ class OriginService:
         sock = self._listener.sockets[0]
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        if samehost.enabled():
+            try:
+                self.fd_server = samehost.FdServer(self.secret, self._served_files, self.io_timeout)
+            except OSError as e:  # no Unix sockets here: every consumer uses HTTP
+                log.info("origin %s: no same-host fast path: %s", self.name, e)
         return self.url
 
     async def stop(self) -> None:
+        if self.fd_server is not None:
+            self.fd_server.close()
         if self._listener is not None:
             self._listener.close()
         if self._runner is not None:
@@ -525,8 +540,20 @@ class OriginService:
         except SnapshotError as e:
             return web.json_response({"error": str(e)}, status=500)
         self._remember(m, where)
-        return web.Response(body=m.encode(), content_type="application/octet-stream",
-                            headers=codec.manifest_headers(m.id, version))
+        headers = codec.manifest_headers(m.id, version)
+        if self.fd_server is not None:
+            headers[samehost.HEADER_SAME_HOST] = self.fd_server.advertisement
+        return web.Response(body=m.encode(), content_type="application/octet-stream", headers=headers)
+
+    def _served_files(self, manifest_id: bytes) -> samehost.ServedFiles | None:
+        """The files a same-host consumer of ``manifest_id`` may open (called on its link's
+        thread: one dict read, and the path list made once per manifest)."""
+        served = self._served.get(manifest_id)
+        if served is None:
+            return None
+        if served.paths is None:
+            served.paths = samehost.file_paths(served.manifest, served.root)
+        return samehost.ServedFiles(self.root, served.paths)
 
     def _remember(self, m: Manifest, base: str) -> None:
         """Keep where ``m``'s chunks lie: in the files under ``base``, the link-free place
