@@ -5,6 +5,10 @@ in docs/format.md), written only after all its chunks are stored.
 
 A sub-path of a persisted Path (``ckpt/model.bin`` of a persisted ``ckpt``) is found in the
 manifest of its nearest persisted ancestor: :meth:`ArtifactStore.lookup`.
+
+Beside those refs the store keeps, for the storage browser, each Path's older versions
+(:mod:`pathapi.history`) and its transfer records (:mod:`pathapi.transfer_log`); garbage
+collection reads all of them through :func:`chunks_of_ref`.
 """
 
 from __future__ import annotations
@@ -12,16 +16,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 
-from cas import Manifest
-from cas.errors import ManifestError, UnsafePathError
+from cas import ChunkerParams, Manifest
+from cas.errors import CasError, ManifestError, UnsafePathError
 from cas.gc import GcReport, NamesChunks
 from cas.manifest import Kind, resolve_link
 from cas.repository import PUSH_ATTEMPTS, Repository
 from cas.workspace import Workspace
 
+from . import history, transfer_log
 from .driveindex import MAGIC as DRIVE_MAGIC
 from .driveindex import DriveIndex
 from .errors import PathapiError
@@ -42,7 +48,10 @@ def encode_ref(manifest: Manifest, version: Version) -> bytes:
 
 def decode_ref(raw: bytes) -> tuple[Manifest, Version]:
     """(manifest, version) of a persisted ref; :class:`ManifestError` if it is malformed.
-    A bare manifest (written before refs carried versions) has version ``UNKNOWN``."""
+    A bare manifest (written before refs carried versions) has version ``UNKNOWN``; a
+    history entry (:mod:`pathapi.history`) reads as the persisted ref it keeps."""
+    if history.is_history(raw):
+        raw = history.decode(raw)[2]
     if raw[:4] == _LEGACY_MAGIC:
         return Manifest.decode(raw), UNKNOWN
     if len(raw) < _REF_HEAD.size:
@@ -60,12 +69,18 @@ def decode_ref(raw: bytes) -> tuple[Manifest, Version]:
     return Manifest.decode(raw[_REF_HEAD.size + n:]), version
 
 
+_NO_CHUNKS = Manifest.build(ChunkerParams(), Kind.DIR, [])
+
+
 def chunks_of_ref(raw: bytes) -> NamesChunks:
-    """What a ref of the artifact store keeps alive: a persisted ref's (or ``cas push``'s)
-    manifest, or a Drive's index with every component's tree (:mod:`pathapi.driveindex`).
-    Garbage collection decodes every ref with this; ManifestError if one is malformed."""
+    """What a ref of the artifact store keeps alive (garbage collection's decoder): a
+    persisted ref's (or ``cas push``'s) or a history entry's manifest, a Drive's index with
+    every component's tree (:mod:`pathapi.driveindex`), nothing for a transfer log. Anything
+    else raises ManifestError, which stops a collection before it deletes anything."""
     if raw[:4] == DRIVE_MAGIC:
         return DriveIndex.decode(raw)
+    if transfer_log.is_log(raw):
+        return _NO_CHUNKS
     return decode_ref(raw)[0]
 
 
@@ -169,9 +184,17 @@ class ArtifactStore:
         :meth:`Repository.push` to the ref ``<work>/<rel>`` (chunks the store lacks, then the
         ref, under a lease no garbage collection runs against). None if nothing exists at
         ``path``; FileChangedError if it kept changing through ``attempts`` snapshots."""
-        pushed = self.repo.push(self.ref_name(work, os.path.normpath(rel)), path, workspace,
-                                encode=lambda m: encode_ref(m, version), attempts=attempts, missing_ok=True)
-        return pushed.manifest if pushed is not None else None
+        name = self.ref_name(work, os.path.normpath(rel))
+        pushed = self.repo.push(name, path, workspace, encode=lambda m: encode_ref(m, version), attempts=attempts,
+                                missing_ok=True)
+        if pushed is None:
+            return None
+        try:  # after the ref: its chunks are live, so the entry never names a collected chunk
+            history.record(self.refs, name, version, pushed.manifest.id, encode_ref(pushed.manifest, version),
+                           time.time_ns())
+        except (CasError, OSError):
+            pass  # the newest tree is in its ref; only the browser's older versions miss one
+        return pushed.manifest
 
     def persist_in_root(self, work: str, rel: str, work_root: str, workspace: Workspace, *,
                         version: Version) -> Manifest | None:
@@ -185,8 +208,28 @@ class ArtifactStore:
         return self.persist(work, rel, path, workspace, version=version)
 
     def gc(self, *, dry_run: bool = False, min_garbage: float = 0.2) -> GcReport:
-        """Delete the chunks no persisted manifest and no Drive names (:meth:`Repository.gc`)."""
-        return self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=chunks_of_ref)
+        """Delete the chunks no persisted manifest and no Drive names (:meth:`Repository.gc`). A history
+        entry (:mod:`pathapi.history`) keeps its chunks while its Path's ref exists; the
+        history of a deleted Path is dropped (its entries listed before the collection, so
+        one a persist adds meanwhile stays)."""
+        try:
+            orphans = history.orphans(self.refs)
+        except CasError:
+            orphans = []  # a damaged ref: the collection itself refuses it (GcError), deleting nothing
+        dead = set(orphans)
+
+        def live_tree(raw: bytes) -> NamesChunks:
+            if history.is_history(raw):
+                name, _, _, pref = history.decode_full(raw)
+                if history.ref_name(name, decode_ref(pref)[1]) in dead:
+                    return _NO_CHUNKS
+            return chunks_of_ref(raw)
+
+        report = self.repo.gc(dry_run=dry_run, min_garbage=min_garbage, decode=live_tree)
+        if not dry_run:
+            for name in orphans:
+                self.refs.delete(name)
+        return report
 
     def close(self) -> None:
         self.repo.close()

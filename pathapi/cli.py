@@ -1,4 +1,6 @@
-"""The ``pathapi`` command: ``pathapi run app.py``, ``pathapi demo``, ``pathapi gc``.
+"""The ``pathapi`` command: ``pathapi run app.py``, ``pathapi demo``, ``pathapi gc``, and the
+views of what is stored: ``pathapi ui`` (the storage browser), ``ls``, ``log``, ``diff``, ``cat``
+(:mod:`pathapi.ui`).
 
 Errors a user can act on end the command with exactly one line on stderr,
 ``pathapi: <what failed, where, what to do>``, and a non-zero exit code: 1 for an error,
@@ -124,8 +126,30 @@ def _run(args: argparse.Namespace) -> int:
         app.store = store
     elif app.store is not None:
         app.store = _store_arg(app.store, "the app's store")
+    app.report_transfers = not args.quiet
     app.run()
     return 0
+
+
+def _views(args: argparse.Namespace) -> int:
+    """``ui``, ``ls``, ``log``, ``diff``, ``cat``: read-only views of an app's store."""
+    from .ui import views
+    from .ui.catalog import Catalog, CatalogError
+
+    if args.store is not None:
+        args.store = _store_arg(args.store)
+    try:
+        if args.cmd == "ui":
+            from .ui.server import serve
+
+            serve(Catalog.open(args.root, args.store), args.port, announce=lambda url: print(url, flush=True))
+            return 0
+        return views.run(args)
+    except CatalogError as e:
+        print(f"pathapi {args.cmd}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `pathapi cat ... | head`
+        return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -164,6 +188,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("file")
     r.add_argument("--root", default=None, help="app folder (default ./.pathapi)")
     r.add_argument("--store", default=None, help="artifact store (default a folder under the app folder)")
+    r.add_argument("-q", "--quiet", action="store_true", help="print no line per transfer")
+    u = sub.add_parser("ui", parents=[debug], help="serve a read-only storage browser on 127.0.0.1 (prints its URL)")
+    u.add_argument("--root", default=None, help="app folder (default ./.pathapi)")
+    u.add_argument("--store", default=None, help="artifact store: a folder or s3://bucket/prefix")
+    u.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    from .ui import views
+
+    views.add_arguments(sub, [debug])
     d = sub.add_parser("demo", parents=[debug], help="the checkpoint-sharing example, end to end")
     demo.add_arguments(d)
     g = sub.add_parser("gc", parents=[debug], help="delete stored chunks that no persisted manifest names, reclaim their space")
@@ -178,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "gc":
         return _gc(args)
+    if args.cmd in ("ui", "ls", "log", "diff", "cat"):
+        return _views(args)
     if args.cmd == "demo":
         if args.root is not None:
             _check_folder_arg("--root", args.root)

@@ -22,6 +22,7 @@ from cas.errors import CasError, ChunkNotFoundError
 from cas.hashing import ChunkId
 from cas.store.base import ChunkSource, DeltaSource, Payload
 
+from . import transfer_log
 from .errors import OlderVersionError, OriginUnreachableError, StaleManifestError, transfer_error
 from .held import HeldVersions
 from .paths import PathOutsideRootError, resolve_under
@@ -68,6 +69,8 @@ class TransferRecord:
     #: chunks read straight from the origin's files on this host (wire/samehost.py): the
     #: rest of ``chunks_transferred`` crossed a socket
     same_host_chunks: int = 0
+    #: plain bytes of the tree's distinct chunks that were found locally (not moved)
+    bytes_reused: int = 0
 
 
 class _Counting:
@@ -226,12 +229,14 @@ def get(path: SharedPath, *, overwrite: bool, in_place: bool = False, missing_ok
         if found.version is not None:
             held.record(origin, rel, found.version)
         wire = source.bytes_received if isinstance(source, (OriginSource, SameHostSource)) else counting.bytes
-        return TransferRecord(
+        sizes = m.chunk_sizes()
+        return _recorded(ctx, origin, rel, TransferRecord(
             files=r.files, bytes_total=r.bytes_total, chunks_transferred=r.chunks_fetched,
-            bytes_transferred=wire, chunks_reused=len(m.chunk_sizes()) - r.chunks_fetched,
+            bytes_transferred=wire, chunks_reused=len(sizes) - r.chunks_fetched,
             seconds=time.perf_counter() - t0, source=kind, manifest_id=m.id.hex(), version=found.version,
             same_host_chunks=source.same_host_chunks if isinstance(source, SameHostSource) else 0,
-        )
+            bytes_reused=max(0, sum(sizes.values()) - r.bytes_fetched),
+        ))
     raise StaleManifestError(f"{rel!r} kept changing at {origin!r} during {STALE_RETRIES} attempts: {last}", origin)
 
 
@@ -245,11 +250,24 @@ def _keep_newer(ctx: WorkContext, origin: str, rel: str, dest: str, found: _Loca
         raise OlderVersionError(f"{note}: the files were kept. Get it again once {origin!r} runs, "
                                 "or delete the local copy to take the stored one", origin)
     assert found.manifest is not None
-    return TransferRecord(
+    return _recorded(ctx, origin, rel, TransferRecord(
         files=0, bytes_total=0, chunks_transferred=0, bytes_transferred=0, chunks_reused=0,
         seconds=time.perf_counter() - t0, source=found.kind, manifest_id=found.manifest.id.hex(),
         version=found.version, kept_local=True, note=note + "; this work's files were kept",
-    )
+    ))
+
+
+def _recorded(ctx: WorkContext, origin: str, rel: str, record: TransferRecord) -> TransferRecord:
+    """``record``, once it is kept in the artifact store's transfer log (for the storage
+    browser and ``pathapi log``) and, when the app reports transfers, printed as one line.
+    Neither can fail the get: a store that refuses the record costs only the record."""
+    try:
+        transfer_log.append(ctx.artifacts.refs, origin, rel, ctx.name, transfer_log.entry(vars(record)))
+    except (CasError, OSError):
+        pass
+    if ctx.report_transfers:
+        print(transfer_log.describe(ctx.name, origin, rel, vars(record)), flush=True)
+    return record
 
 
 def _lost(e: OriginUnreachableError, origin: str, rel: str, dest: str, counting: _Counting) -> OriginUnreachableError:

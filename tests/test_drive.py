@@ -831,3 +831,26 @@ def test_the_index_is_the_bytes_format_md_describes() -> None:
     assert index.spaces["root.w"].manifest == tree and index.spaces["root.w"].updated_ns == 123
     assert index.encode() == raw and index.chunk_ids() == {chunk_id(data)}
 
+
+
+def test_drives_show_in_the_catalog_and_in_pathapi_ls(bench: Bench) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from pathapi.ui.catalog import Catalog
+
+    with bench.as_work("root.a") as root:
+        write(root, "x.bin", b"x" * 100)
+        os.makedirs(root / "d", exist_ok=True)
+        write(root, "d/y.bin", b"y" * 50)
+        Drive("lit://shared").put("x.bin")
+        Drive("lit://shared").put("d")
+    with bench.as_work("root.b") as root:
+        write(root, "z.bin", b"z" * 7)
+        Drive("lit://shared").put("z.bin")
+    want = [{"name": "shared", "components": ["root.a", "root.b"], "files": 3, "size": 157}]
+    assert Catalog(bench.store).drives() == want
+    out = subprocess.run([sys.executable, "-m", "pathapi", "ls", "--root", str(bench.base / "app"), "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout)["drives"] == want

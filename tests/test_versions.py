@@ -281,7 +281,8 @@ def test_no_byte_from_outside_the_works_root_reaches_the_store(tmp_path: FsPath,
     assert "'..' component" in flow.w.error
     store = ArtifactStore.open(None, tmp_path / "app")
     try:
-        names = sorted(store.refs.names())
+        # the Path's ref, and its version history (pathapi.history) naming the same tree
+        names = sorted(n for n in store.refs.names() if not n.startswith("pathapi:history/"))
         assert names == ["root.w/data"], names
         stored = b"".join(bytes(data) for _, data in store.chunks.get_many(list(store.chunks.iter_ids())))
         assert payload[:4096] not in stored and b"inside the root" in stored

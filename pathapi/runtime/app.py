@@ -28,12 +28,14 @@ class App:
 
     ``timeout`` bounds every wait on another work's origin (seconds); ``host`` is the address
     origin services bind to (loopback unless configured); ``runner`` runs the works (each
-    in a local process unless given).
+    in a local process unless given). ``ui=True`` serves the storage browser
+    (:mod:`pathapi.ui`) on 127.0.0.1 while the app runs and prints its URL;
+    ``report_transfers`` prints one line per get (``pathapi run`` sets it unless ``-q``).
     """
 
     def __init__(self, flow: Flow, root: str | os.PathLike[str] | None = None, store: str | os.PathLike[str] | None = None,
                  *, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", start_timeout: float = 120.0,
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, ui: bool = False, report_transfers: bool = False) -> None:
         self.flow = flow
         self.root = os.path.abspath(os.fspath(root) if root is not None else ".pathapi")
         self.store = _store_location(store)
@@ -43,6 +45,10 @@ class App:
         self.runner: Runner = runner if runner is not None else LocalProcessRunner()
         self.handles: dict[str, WorkHandle] = {}
         self._secret: str | None = None
+        self.ui = ui
+        self.report_transfers = report_transfers
+        #: the storage browser's URL (with its token) while it runs (``ui=True``)
+        self.ui_url: str | None = None
 
     def _registry(self) -> dict[str, str | None]:
         # A work that stopped or died serves nothing: its Paths come from the artifact store.
@@ -84,10 +90,11 @@ class App:
             seen[id(w)] = name
             w._attach(name)
         self._secret = secrets.token_urlsafe(32)
-        config = AppConfig(self.root, self.store, self._secret, self.timeout, self.host, app_run=time.time_ns())
+        config = AppConfig(self.root, self.store, self._secret, self.timeout, self.host, app_run=time.time_ns(),
+                           report_transfers=self.report_transfers)
         os.makedirs(self.root, exist_ok=True)
         self.handles = {name: self.runner.handle(w, name, config, self._registry) for name, w in works}
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), self._browser():
             try:
                 for h in self.handles.values():
                     h.start()
@@ -105,6 +112,24 @@ class App:
         if errors:
             raise _combined(errors)
         return result
+
+    @contextlib.contextmanager
+    def _browser(self) -> Iterator[None]:
+        """With ``ui=True``: the storage browser on this app's store while the block runs."""
+        if not self.ui:
+            yield
+            return
+        from ..ui.catalog import Catalog
+        from ..ui.server import BackgroundUi
+
+        browser = BackgroundUi(Catalog.open(self.root, self.store, create=True))
+        self.ui_url = browser.url
+        print(f"pathapi ui: {browser.url}", flush=True)
+        try:
+            yield
+        finally:
+            self.ui_url = None
+            browser.stop()
 
 
 def _store_location(store: str | os.PathLike[str] | None) -> str | None:

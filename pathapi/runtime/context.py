@@ -32,6 +32,8 @@ class WorkContext:
     #: tells the flow that the running work assigned a Path of its own (so that stop() of a
     #: run that never returns still persists it); set by the runner
     report_path: Callable[[str], None] | None = None
+    #: print one line per get (``pathapi run`` without ``-q``); set by the runner
+    report_transfers: bool = False
 
 
 _current: WorkContext | None = None

@@ -67,6 +67,7 @@ def _open_context(name: str, config: AppConfig) -> WorkContext:
     artifacts = ArtifactStore.open(config.store, config.root)
     ctx = WorkContext(name, root, workspace, artifacts, config.secret, config.timeout)
     ctx.version = Version(config.app_run, 0, Version.ENDED)
+    ctx.report_transfers = config.report_transfers
     return ctx
 
 

@@ -41,6 +41,8 @@ class AppConfig:
     host: str = "127.0.0.1"
     #: when this app run started (ns since the epoch): the first field of every Version
     app_run: int = 0
+    #: every get prints one line saying what moved and what was reused (``pathapi run``)
+    report_transfers: bool = False
 
     def work_root(self, name: str) -> str:
         return os.path.join(self.root, "works", name)
