@@ -58,6 +58,8 @@ from pathapi.errors import (
     transfer_error,
 )
 from pathapi.paths import PathOutsideRootError
+from pathapi.ui.catalog import CatalogError, NotFoundError
+from pathapi.ui.safetensors import NotSafetensorsError
 from pathapi.version import Version
 
 #: Every public error class and the builtins a user catches it by today: the contract. A new
@@ -92,6 +94,9 @@ BUILTINS: dict[type[LocatedError], tuple[type[Exception], ...]] = {
     PathOutsideRootError: (ValueError,),
     SubPathError: (ValueError,),
     DriveNameError: (ValueError,),
+    CatalogError: (ValueError,),
+    NotFoundError: (LookupError, ValueError),
+    NotSafetensorsError: (ValueError,),
     DriveDuplicateError: (FileExistsError, OSError),
     DriveAmbiguousError: (LookupError,),
     DriveFileNotFoundError: (FileNotFoundError, OSError),

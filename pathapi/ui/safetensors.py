@@ -21,6 +21,7 @@ from typing import Any
 from cas.manifest import Entry
 from cas.store.base import ChunkSource
 
+from ..errors import PathapiError
 from .chunkio import Span, read_range, spans
 
 #: The format's own bound on the header (100 MB): a larger length is not a safetensors file.
@@ -28,7 +29,7 @@ MAX_HEADER = 100_000_000
 SUFFIX = ".safetensors"
 
 
-class NotSafetensorsError(ValueError):
+class NotSafetensorsError(PathapiError, ValueError):
     """A file whose first bytes are not a safetensors header."""
 
 
