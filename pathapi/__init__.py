@@ -6,6 +6,7 @@ chunks the receiver lacks and never writes an unverified byte into a user's file
 
 from .errors import (
     AuthenticationError,
+    ClusterError,
     LitPathError,
     OlderVersionError,
     OriginError,
@@ -16,6 +17,8 @@ from .errors import (
 )
 from .path import Path
 from .runtime.app import App
+from .runtime.cluster import SharedFolder
+from .runtime.compute import CloudCompute, Compute
 from .runtime.flow import Flow
 from .runtime.work import Work
 from .transfer import TransferRecord
@@ -26,7 +29,7 @@ LightningFlow = Flow
 LightningApp = App
 
 __all__ = [
-    "App", "AuthenticationError", "Flow", "LightningApp", "LightningFlow", "LightningWork", "LitPathError",
-    "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferError", "TransferRecord", "Work",
-    "WorkError",
+    "App", "AuthenticationError", "CloudCompute", "ClusterError", "Compute", "Flow", "LightningApp", "LightningFlow",
+    "LightningWork", "LitPathError", "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError",
+    "SharedFolder", "TransferError", "TransferRecord", "Work", "WorkError",
 ]

@@ -42,6 +42,7 @@ from pathapi.cli import UsageError
 from pathapi.runtime.context import WorkContext, current, set_current
 from pathapi.errors import (
     AuthenticationError,
+    ClusterError,
     LitPathError,
     OlderVersionError,
     OriginError,
@@ -77,6 +78,7 @@ BUILTINS: dict[type[LocatedError], tuple[type[Exception], ...]] = {
     PathapiError: (),
     WorkError: (RuntimeError,),
     OriginUnreachableError: (ConnectionError, OSError),
+    ClusterError: (ConnectionError, OSError),
     OriginError: (OSError,),
     StaleManifestError: (OSError,),
     AuthenticationError: (PermissionError, OSError),
