@@ -1,4 +1,4 @@
-"""The ``pathapi`` command: ``pathapi run app.py``, ``pathapi demo``, ``pathapi gc``.
+"""The ``pathapi`` command: ``pathapi run app.py [--cluster ray]``, ``pathapi demo``, ``pathapi gc``.
 
 Errors a user can act on end the command with exactly one line on stderr,
 ``pathapi: <what failed, where, what to do>``, and a non-zero exit code: 1 for an error,
@@ -127,8 +127,14 @@ def _run(args: argparse.Namespace) -> int:
         _check_folder_arg("the app folder", app.root)
     if store is not None:
         app.store = store
+        app.store_shared = False
     elif app.store is not None:
         app.store = _store_arg(app.store, "the app's store")
+    if args.cluster is not None:
+        try:
+            app.use_cluster(args.cluster)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"--cluster {args.cluster}: {e}") from None
     app.run()
     return 0
 
@@ -169,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("file")
     r.add_argument("--root", default=None, help="app folder (default ./.pathapi)")
     r.add_argument("--store", default=None, help="artifact store (default a folder under the app folder)")
+    r.add_argument("--cluster", default=None,
+                   help="where works run: local (processes here, the default), ray (the Ray cluster RAY_ADDRESS "
+                        "names, or the one `ray start` started here) or ray://HOST:PORT; a cluster needs --store s3://...")
     d = sub.add_parser("demo", parents=[debug], help="the checkpoint-sharing example, end to end")
     demo.add_arguments(d)
     g = sub.add_parser("gc", parents=[debug], help="delete stored chunks that no persisted manifest names, reclaim their space")

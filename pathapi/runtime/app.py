@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import WorkError
-from .cluster import LOCAL, check_store, runner_for
+from .cluster import LOCAL, SharedFolder, check_store, runner_for
 from .flow import Flow
 from .process import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE
 from .runner import IN_WORK_ENV, AppConfig, Runner, WorkHandle
@@ -48,11 +48,20 @@ class App:
         self.runner: Runner = runner if runner is not None else runner_for(cluster)
         check_store(store, self.runner)
         self.store = _store_location(store)
+        #: the store was declared shared by the nodes of a cluster (a SharedFolder)
+        self.store_shared = isinstance(store, SharedFolder)
         self.timeout = timeout
         self.host = host
         self.start_timeout = start_timeout
         self.handles: dict[str, WorkHandle] = {}
         self._secret: str | None = None
+
+    def use_cluster(self, cluster: str) -> None:
+        """Run the works on ``cluster`` instead (as ``App(cluster=...)``; the ``pathapi run
+        --cluster`` option): ValueError if the app's store is not one its nodes share."""
+        runner = runner_for(cluster)
+        check_store(SharedFolder(self.store) if self.store_shared and self.store else self.store, runner)
+        self.cluster, self.runner = cluster, runner
 
     def _registry(self) -> dict[str, str | None]:
         # A work that stopped or died serves nothing: its Paths come from the artifact store.

@@ -23,6 +23,7 @@ import traceback
 from typing import Any
 
 import ray
+from ray import cloudpickle
 
 from .main import persist_here, serve
 from .messages import Failed, Stopped
@@ -38,7 +39,7 @@ class QueueChannel:
         self._out = outbox
 
     def send(self, obj: Any) -> None:
-        self._out.put(pickle.dumps(obj))
+        self._out.put(cloudpickle.dumps(obj))
 
     def recv(self) -> Any:
         data = self._in.get()

@@ -31,6 +31,7 @@ from typing import Any
 
 import ray
 import ray.exceptions
+from ray import cloudpickle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import ClusterError, WorkError
@@ -49,6 +50,8 @@ PROBE_SECONDS = 1.0
 PROBES_LOST = 3
 #: One long-poll of a work's actor (bounds how late a death or a lost cluster is noticed).
 POLL_SECONDS = 1.0
+#: How long an actor whose connection broke may take to be reported dead or node-lost.
+SETTLE_SECONDS = 20.0
 #: Threads of a work's actor: the flow's send and its long-poll run side by side.
 ACTOR_THREADS = 4
 
@@ -254,7 +257,9 @@ class ActorProcess:
 
     def start(self) -> None:
         h = self.handle
-        blob = pickle.dumps(h.work)  # here, so that an unpicklable work fails start() at once
+        # Here, so that an unpicklable work fails start() at once. cloudpickle: classes of a
+        # script run as __main__ go by value (an actor cannot import the script's __main__).
+        blob = cloudpickle.dumps(h.work)
         path = [p for p in sys.path if p]
         self.actor = _RemoteWorkActor.options(**actor_options(h.work.compute, h.node_id)).remote(path, blob, h.name, h.config)
 
@@ -299,11 +304,31 @@ class ActorProcess:
                 return  # gone
             time.sleep(0.05)
 
+    def _settle(self) -> None:
+        """An actor that is only "unavailable" (its connection broke) is dead or its node is
+        lost: ask until Ray says which (bounded), so the error says the right one."""
+        h = self.handle
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while isinstance(self.error, ray.exceptions.ActorUnavailableError) and time.monotonic() < deadline:
+            if h.runner.lost or not h.runner.node_alive(h.node_id):
+                return
+            ref = self.actor.where.remote()
+            if _Waiting(h.runner).ready(ref, POLL_SECONDS):
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    if not isinstance(e, ray.exceptions.ActorUnavailableError):
+                        self.error = e
+                    continue
+                return  # it answers: not dead after all
+            time.sleep(0.2)
+
     def describe(self) -> str:
         """Why the actor is gone, for ``the work's process died (...)``."""
         h = self.handle
         if h.runner.lost:
             return h.runner.lost
+        self._settle()
         text = str(getattr(self.error, "error_msg", None) or self.error or "")
         node = f"{h.node_id[:12]} ({h.runner.node_address(h.node_id)})"
         if "node has died" in text or not h.runner.node_alive(h.node_id):
@@ -325,7 +350,7 @@ class ActorChannel:
         self._waiting = _Waiting(process.handle.runner)
 
     def send(self, obj: Any) -> None:
-        data = pickle.dumps(obj)  # a PicklingError here, as on a pipe
+        data = cloudpickle.dumps(obj)  # a PicklingError here, as on a pipe
         if self._eof or self.process.actor is None:
             raise BrokenPipeError("the work's actor is gone")
         ref = self.process.actor.send.remote(data)
