@@ -542,8 +542,8 @@ class RefStoreTests:
         assert refs.get(REF_NAMES[2]) == b"value 2" + bytes(range(256))
 
     def test_values_of_any_buffer_type_come_back_as_bytes(self, refs: RefStore) -> None:
-        refs.put("a", bytearray(b"from a bytearray"))
-        refs.put("b", memoryview(b"from a memoryview"))
+        refs.put("a", bytearray(b"from a bytearray"))  # type: ignore[arg-type]  # any buffer, on purpose
+        refs.put("b", memoryview(b"from a memoryview"))  # type: ignore[arg-type]
         refs.put("big", random_bytes(1 << 20))
         assert refs.get("a") == b"from a bytearray" and type(refs.get("a")) is bytes
         assert refs.get("b") == b"from a memoryview"

@@ -7,6 +7,7 @@ chunks the receiver lacks and never writes an unverified byte into a user's file
 from .drive import Drive
 from .errors import (
     AuthenticationError,
+    ClusterError,
     DriveAmbiguousError,
     DriveDuplicateError,
     DriveFileNotFoundError,
@@ -22,6 +23,8 @@ from .errors import (
 )
 from .path import Path
 from .runtime.app import App
+from .runtime.cluster import SharedFolder
+from .runtime.compute import CloudCompute, Compute
 from .runtime.flow import Flow
 from .runtime.work import Work
 from .transfer import TransferRecord
@@ -32,8 +35,8 @@ LightningFlow = Flow
 LightningApp = App
 
 __all__ = [
-    "App", "AuthenticationError", "Drive", "DriveAmbiguousError", "DriveDuplicateError", "DriveFileNotFoundError",
-    "DriveNameError", "DriveTimeoutError", "Flow", "LightningApp", "LightningFlow", "LightningWork", "LitPathError",
-    "OlderVersionError", "OriginError", "OriginUnreachableError", "Path", "PathapiError", "TransferError", "TransferRecord", "Work",
-    "WorkError",
+    "App", "AuthenticationError", "CloudCompute", "ClusterError", "Compute", "Drive", "DriveAmbiguousError",
+    "DriveDuplicateError", "DriveFileNotFoundError", "DriveNameError", "DriveTimeoutError", "Flow", "LightningApp",
+    "LightningFlow", "LightningWork", "LitPathError", "OlderVersionError", "OriginError", "OriginUnreachableError",
+    "Path", "PathapiError", "SharedFolder", "TransferError", "TransferRecord", "Work", "WorkError",
 ]

@@ -1,6 +1,6 @@
-"""The ``pathapi`` command: ``pathapi run app.py``, ``pathapi demo``, ``pathapi gc``, and the
-views of what is stored: ``pathapi ui`` (the storage browser), ``ls``, ``log``, ``diff``, ``cat``
-(:mod:`pathapi.ui`).
+"""The ``pathapi`` command: ``pathapi run app.py [--cluster ray]``, ``pathapi demo``, ``pathapi gc``,
+and the views of what is stored: ``pathapi ui`` (the storage browser), ``ls``, ``log``, ``diff``,
+``cat`` (:mod:`pathapi.ui`).
 
 Errors a user can act on end the command with exactly one line on stderr,
 ``pathapi: <what failed, where, what to do>``, and a non-zero exit code: 1 for an error,
@@ -124,9 +124,15 @@ def _run(args: argparse.Namespace) -> int:
         _check_folder_arg("the app folder", app.root)
     if store is not None:
         app.store = store
+        app.store_shared = False
     elif app.store is not None:
         app.store = _store_arg(app.store, "the app's store")
     app.report_transfers = not args.quiet
+    if args.cluster is not None:
+        try:
+            app.use_cluster(args.cluster)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"--cluster {args.cluster}: {e}") from None
     app.run()
     return 0
 
@@ -188,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("file")
     r.add_argument("--root", default=None, help="app folder (default ./.pathapi)")
     r.add_argument("--store", default=None, help="artifact store (default a folder under the app folder)")
+    r.add_argument("--cluster", default=None,
+                   help="where works run: local (processes here, the default), ray (the Ray cluster RAY_ADDRESS "
+                        "names, or the one `ray start` started here) or ray://HOST:PORT; a cluster needs --store s3://...")
     r.add_argument("-q", "--quiet", action="store_true", help="print no line per transfer")
     u = sub.add_parser("ui", parents=[debug], help="serve a read-only storage browser on 127.0.0.1 (prints its URL)")
     u.add_argument("--root", default=None, help="app folder (default ./.pathapi)")

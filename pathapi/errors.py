@@ -48,6 +48,11 @@ class OriginUnreachableError(PathapiError, _OfWork, ConnectionError):
     """The work that owns a path could not be reached in time, and nothing was persisted for it."""
 
 
+class ClusterError(PathapiError, ConnectionError):
+    """The cluster that runs the works cannot be reached, or went away while the app ran;
+    ``where`` is the address tried."""
+
+
 class OriginError(PathapiError, _OfWork, OSError):
     """The origin answered, but could not serve the request (it says why)."""
 

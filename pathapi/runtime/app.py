@@ -1,4 +1,5 @@
-"""``App``: starts every work of a flow in its own process, runs the flow once, stops them."""
+"""``App``: starts every work of a flow in its own process (here or on a cluster), runs the
+flow once, stops them."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import WorkError
+from .cluster import LOCAL, SharedFolder, check_store, runner_for
 from .flow import Flow
-from .process import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE, LocalProcessRunner
-from .runner import AppConfig, Runner, WorkHandle
+from .process import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE
+from .runner import IN_WORK_ENV, AppConfig, Runner, WorkHandle
 from .state import walk_works
 from .work import Work
 
@@ -27,28 +29,46 @@ class App:
     """``App(flow, root=None, store=None).run()``; ``root`` defaults to ``./.pathapi``.
 
     ``timeout`` bounds every wait on another work's origin (seconds); ``host`` is the address
-    origin services bind to (loopback unless configured); ``runner`` runs the works (each
-    in a local process unless given). ``ui=True`` serves the storage browser
-    (:mod:`pathapi.ui`) on 127.0.0.1 while the app runs and prints its URL;
+    origin services bind to (loopback unless configured; on a cluster each binds to its
+    node's address); ``cluster`` says where works run: ``"local"`` (the default: each in a
+    local process), ``"ray"`` (each as an actor on the Ray cluster ``RAY_ADDRESS`` names) or
+    ``"ray://HOST:PORT"``; ``runner`` gives a :class:`~.runner.Runner` of one's own instead.
+    On a cluster the ``store`` must be one every node reaches: ``s3://...``, or a
+    :class:`~.cluster.SharedFolder` (ValueError otherwise). ``ui=True`` serves the storage
+    browser (:mod:`pathapi.ui`) on 127.0.0.1 while the app runs and prints its URL;
     ``report_transfers`` prints one line per get (``pathapi run`` sets it unless ``-q``).
     """
 
     def __init__(self, flow: Flow, root: str | os.PathLike[str] | None = None, store: str | os.PathLike[str] | None = None,
                  *, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", start_timeout: float = 120.0,
-                 runner: Runner | None = None, ui: bool = False, report_transfers: bool = False) -> None:
+                 runner: Runner | None = None, cluster: str = LOCAL, ui: bool = False,
+                 report_transfers: bool = False) -> None:
+        if runner is not None and cluster != LOCAL:
+            raise ValueError(f"give App a runner= or a cluster= ({cluster!r}), not both")
         self.flow = flow
         self.root = os.path.abspath(os.fspath(root) if root is not None else ".pathapi")
+        self.cluster = cluster
+        self.runner: Runner = runner if runner is not None else runner_for(cluster)
+        check_store(store, self.runner)
         self.store = _store_location(store)
+        #: the store was declared shared by the nodes of a cluster (a SharedFolder)
+        self.store_shared = isinstance(store, SharedFolder)
         self.timeout = timeout
         self.host = host
         self.start_timeout = start_timeout
-        self.runner: Runner = runner if runner is not None else LocalProcessRunner()
         self.handles: dict[str, WorkHandle] = {}
         self._secret: str | None = None
         self.ui = ui
         self.report_transfers = report_transfers
         #: the storage browser's URL (with its token) while it runs (``ui=True``)
         self.ui_url: str | None = None
+
+    def use_cluster(self, cluster: str) -> None:
+        """Run the works on ``cluster`` instead (as ``App(cluster=...)``; the ``pathapi run
+        --cluster`` option): ValueError if the app's store is not one its nodes share."""
+        runner = runner_for(cluster)
+        check_store(SharedFolder(self.store) if self.store_shared and self.store else self.store, runner)
+        self.cluster, self.runner = cluster, runner
 
     def _registry(self) -> dict[str, str | None]:
         # A work that stopped or died serves nothing: its Paths come from the artifact store.
@@ -82,6 +102,9 @@ class App:
             # A spawned process is importing the main module, which calls app.run() again.
             print(f"pathapi: {UNGUARDED_MAIN_MESSAGE}", file=sys.stderr)
             raise SystemExit(EXIT_UNGUARDED_MAIN)
+        if os.environ.get(IN_WORK_ENV):
+            # A work's actor is importing the app file to load its work (see ray_actor).
+            raise RuntimeError(UNGUARDED_MAIN_MESSAGE)
         works = list(walk_works(self.flow, "root"))
         seen: dict[int, str] = {}
         for name, w in works:
@@ -93,21 +116,25 @@ class App:
         config = AppConfig(self.root, self.store, self._secret, self.timeout, self.host, app_run=time.time_ns(),
                            report_transfers=self.report_transfers)
         os.makedirs(self.root, exist_ok=True)
-        self.handles = {name: self.runner.handle(w, name, config, self._registry) for name, w in works}
         with _sigterm_as_interrupt(), self._browser():
             try:
-                for h in self.handles.values():
-                    h.start()
-                for h in self.handles.values():
-                    h.wait_ready(self.start_timeout)
-                for name, w in works:
-                    w._set_handle(self.handles[name])
-                result = self.flow.run()
+                self.runner.open(works, config)
+                self.handles = {name: self.runner.handle(w, name, config, self._registry) for name, w in works}
+                try:
+                    for h in self.handles.values():
+                        h.start()
+                    for h in self.handles.values():
+                        h.wait_ready(self.start_timeout)
+                    for name, w in works:
+                        w._set_handle(self.handles[name])
+                    result = self.flow.run()
+                finally:
+                    for h in self.handles.values():
+                        h.stop()
+                    for _, w in works:
+                        w._set_handle(None)
             finally:
-                for h in self.handles.values():
-                    h.stop()
-                for _, w in works:
-                    w._set_handle(None)
+                self.runner.close()
         errors = [e for e in (h.unobserved_error() for h in self.handles.values()) if e is not None]
         if errors:
             raise _combined(errors)

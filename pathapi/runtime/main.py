@@ -1,8 +1,9 @@
-"""The work side of a local work process: its main loop, and the persist-only process.
+"""The work side of a work process: its main loop, and the persist-only process.
 
 A work's process (``spawn``: nothing inherited but what is sent) runs with its root folder
 as working directory, its origin service on a port of the configured host, and a persister
 thread; it answers the messages of :mod:`.messages` from its handle (:mod:`.process`).
+:func:`serve` is that loop for any runner (a Ray actor runs it too, :mod:`.ray_actor`).
 
 Guarantees kept here:
 
@@ -75,13 +76,18 @@ def persist_main(conn: Any, name: str, config: AppConfig, rels: list[str], run: 
     """The process ``stop()`` starts after ending a running work: persist, report, exit."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the flow decides when to stop
+    conn.send(persist_here(name, config, rels, run))
+
+
+def persist_here(name: str, config: AppConfig, rels: list[str], run: int) -> Stopped:
+    """Persist ``rels`` of work ``name`` as its files are now, as the end of run ``run``
+    (on the work's machine, with its state folder: any runner's persist-only process)."""
     try:
         ctx = _open_context(name, config)
     except BaseException as e:
-        conn.send(Stopped([f"{', '.join(rels)}: could not open the work's stores: {type(e).__name__}: {e}"]))
-        return
+        return Stopped([f"{', '.join(rels)}: could not open the work's stores: {type(e).__name__}: {e}"])
     try:
-        conn.send(Stopped(persist_all(ctx, rels, Version(config.app_run, run, Version.ENDED))))
+        return Stopped(persist_all(ctx, rels, Version(config.app_run, run, Version.ENDED)))
     finally:
         ctx.workspace.close()
         ctx.artifacts.close()
@@ -92,6 +98,13 @@ def work_main(conn: Any, work: Work, name: str, config: AppConfig) -> None:
     die_with_parent()
     # Ctrl-C reaches the whole process group: the flow stops its works; they ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(conn, work, name, config)
+
+
+def serve(conn: Any, work: Work, name: str, config: AppConfig) -> None:
+    """The work's end of its handle, for any runner: ``conn`` (``send``/``recv``, EOFError or
+    OSError when the flow is gone) carries the messages of :mod:`.messages`. Returns once
+    the work stopped (or the flow is gone) and its origin service is closed."""
     try:
         ctx = _open_context(name, config)
         set_current(ctx)

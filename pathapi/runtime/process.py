@@ -17,7 +17,7 @@ import pickle
 import sys
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import WorkError
 from .main import persist_main, work_main
@@ -55,6 +55,40 @@ def unpicklable_part(work: Work) -> str:
     return "it cannot be pickled"
 
 
+class Channel(Protocol):
+    """The flow's end of the pipe to a work (a ``multiprocessing`` connection, or a runner's
+    own with the same behaviour): ``recv`` raises EOFError or OSError once the work is gone."""
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
+
+    def poll(self, timeout: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class WorkProcess(Protocol):
+    """What a handle needs of the process running its work (``multiprocessing.Process`` or a
+    runner's stand-in for a process elsewhere)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
 class LocalProcessRunner(Runner):
     """Runs each work in a local process of its own (``spawn``)."""
 
@@ -67,6 +101,10 @@ class ProcessHandle:
 
     Every error of a run is delivered once: to ``run()``/``wait()`` if the flow asks, else to
     :meth:`unobserved_error`, which ``App.run`` raises after the flow returns.
+
+    Another runner reuses all of it by giving its own process and channel
+    (:meth:`_endpoints`), its own words for a death (:meth:`_death`) and its own
+    persist-only process (:meth:`_persist_as_left`).
     """
 
     def __init__(self, work: Work, name: str, config: AppConfig, registry: Registry) -> None:
@@ -74,11 +112,7 @@ class ProcessHandle:
         self.name = name
         self.config = config
         self._registry = registry
-        self._conn, child_conn = _SPAWN.Pipe()
-        self.process = _SPAWN.Process(
-            target=work_main, args=(child_conn, work, name, config), name=f"pathapi-work:{name}"
-        )
-        self._child_conn = child_conn
+        self._conn, self.process, self._child_conn = self._endpoints()
         self._current: Future[RunEnd] | None = None
         self._observed = False
         self._lock = threading.Lock()
@@ -88,6 +122,21 @@ class ProcessHandle:
         self.runs = 0
         #: Paths of its own the work assigned during the current run (see PathAssigned)
         self._reported: set[str] = set()
+
+    def _endpoints(self) -> tuple[Channel, WorkProcess, Channel]:
+        """(the flow's end of the pipe, the work's process, the end the process inherits)."""
+        conn, child_conn = _SPAWN.Pipe()
+        process = _SPAWN.Process(
+            target=work_main, args=(child_conn, self.work, self.name, self.config), name=f"pathapi-work:{self.name}"
+        )
+        return conn, process, child_conn
+
+    def _death(self) -> str:
+        """Why the work's process is gone, for an error message (after it ended)."""
+        return f"exit code {self.process.exitcode}"
+
+    def _persist_as_left(self, rels: list[str], timeout: float) -> list[str]:
+        return persist_as_left(self.name, self.config, rels, self.runs, timeout)
 
     def start(self) -> None:
         try:
@@ -111,7 +160,7 @@ class ProcessHandle:
             code = self.process.exitcode
             if code == EXIT_UNGUARDED_MAIN:
                 raise WorkError(self.name, f"could not start: {UNGUARDED_MAIN_MESSAGE}") from None
-            raise WorkError(self.name, f"process exited while starting (exit code {code}); "
+            raise WorkError(self.name, f"process exited while starting ({self._death()}); "
                                        "its error output above says why") from None
         if not isinstance(msg, Ready):
             raise WorkError(self.name, msg.message, msg.traceback)
@@ -146,7 +195,7 @@ class ProcessHandle:
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             raise WorkError(self.name, f"cannot send run() arguments or state to the work: {e}") from None
         except (BrokenPipeError, EOFError, OSError):
-            raise WorkError(self.name, f"the work's process is gone (exit code {self.process.exitcode})") from None
+            raise WorkError(self.name, f"the work's process is gone ({self._death()})") from None
         self.runs = n
         self._reported = set()
         fut: Future[RunEnd] = Future()
@@ -166,7 +215,7 @@ class ProcessHandle:
                 if self.stopped:  # ended by stop(): not an error of the work's
                     fut.set_result(Stopped())
                 else:
-                    fut.set_result(Failed(f"the work's process died (exit code {self.process.exitcode})"))
+                    fut.set_result(Failed(f"the work's process died ({self._death()})"))
                 return
             if isinstance(msg, PathAssigned):
                 self._reported.add(msg.rel)
@@ -221,7 +270,7 @@ class ProcessHandle:
                 self.process.kill()
                 self.process.join()
             rels = sorted(set(own_paths(public_state(self.work), self.name)) | self._reported)
-            self._report(persist_as_left(self.name, self.config, rels, self.runs, timeout))
+            self._report(self._persist_as_left(rels, timeout))
         else:
             try:
                 self._conn.send(Stop())

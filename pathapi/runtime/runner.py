@@ -3,7 +3,7 @@
 A :class:`Runner` makes one :class:`WorkHandle` per work; the App drives every handle the
 same way (start, wait until ready, run, stop), whatever runs the work. The first
 implementation runs each work in a local process (:class:`~.process.LocalProcessRunner`);
-one that runs works on a cluster provides the same two classes.
+the second runs each as a Ray actor on a cluster (:class:`~.ray_runner.RayRunner`).
 
 What every implementation guarantees:
 
@@ -25,6 +25,10 @@ from typing import Protocol
 
 from ..errors import WorkError
 from .work import RunHandle, Work
+
+#: Set in the environment of a work's process by runners whose processes import the app's
+#: module anew (a Ray actor): ``App.run`` there is the app file starting the app at import.
+IN_WORK_ENV = "PATHAPI_IN_WORK"
 
 #: work name -> the URL of its origin service (None once it stopped), asked at each run.
 Registry = Callable[[], dict[str, str | None]]
@@ -78,7 +82,24 @@ class WorkHandle(RunHandle, Protocol):
 
 
 class Runner(ABC):
-    """Makes the handles through which an App runs its works."""
+    """Makes the handles through which an App runs its works.
+
+    ``App.run`` calls :meth:`open` once with every work before it asks for their handles,
+    and :meth:`close` once after every handle stopped (also when starting failed).
+    """
+
+    #: True when works may run on other machines: the App then refuses an artifact store
+    #: that only this machine sees (see :mod:`.cluster`)
+    needs_shared_store: bool = False
+
+    def open(self, works: list[tuple[str, Work]], config: AppConfig) -> None:
+        """Get ready to run ``works`` (connect to a cluster, place them); raises a
+        :class:`~pathapi.errors.PathapiError` saying what is missing. Nothing, by default."""
+        return None
+
+    def close(self) -> None:
+        """Release what :meth:`open` took; may be called more than once. Nothing, by default."""
+        return None
 
     @abstractmethod
     def handle(self, work: Work, name: str, config: AppConfig, registry: Registry) -> WorkHandle:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ..drive import Drive
 from ..path import LIT, Path
+from .compute import Compute, as_compute
 from .context import current
 
 
@@ -39,16 +40,21 @@ def _report_own(work: Work, path: Path) -> None:
 
 
 class Work:
-    """Subclass and define ``run``. ``parallel=True`` makes ``run`` return at once in the flow."""
+    """Subclass and define ``run``. ``parallel=True`` makes ``run`` return at once in the flow;
+    ``compute=Compute(...)`` (or the original's ``cloud_compute=CloudCompute(...)``) says what
+    it asks of the machine it runs on (read by cluster runners)."""
 
     _name: str | None
     _parallel: bool
     _handle: RunHandle | None
+    _compute: Compute | None
 
-    def __init__(self, *args: Any, parallel: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, parallel: bool = False, compute: Compute | None = None,
+                 cloud_compute: Compute | None = None, **kwargs: Any) -> None:
         object.__setattr__(self, "_name", None)
         object.__setattr__(self, "_parallel", parallel)
         object.__setattr__(self, "_handle", None)
+        object.__setattr__(self, "_compute", as_compute(compute, cloud_compute))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,6 +104,11 @@ class Work:
     @property
     def parallel(self) -> bool:
         return self._parallel
+
+    @property
+    def compute(self) -> Compute | None:
+        """What the work asks of its machine (None: the default, see :class:`Compute`)."""
+        return self.__dict__.get("_compute")
 
     # -- lifecycle, from the flow ------------------------------------------------
     # -- set by the runtime (private: a Work's public names are the user's) -----------
