@@ -6,6 +6,7 @@ none, which is how ``Path.get`` and friends know to refuse being called there.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ class WorkContext:
     #: tells the flow that the running work assigned a Path of its own (so that stop() of a
     #: run that never returns still persists it); set by the runner
     report_path: Callable[[str], None] | None = None
+    #: the client context that pins the app run's CA when its works speak TLS (else None):
+    #: every request to another work's origin goes over TLS with it
+    tls: ssl.SSLContext | None = None
 
 
 _current: WorkContext | None = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import WorkError
+from ..wire.tls import TlsConfig
 from .work import RunHandle, Work
 
 #: work name -> the URL of its origin service (None once it stopped), asked at each run.
@@ -41,6 +42,10 @@ class AppConfig:
     host: str = "127.0.0.1"
     #: when this app run started (ns since the epoch): the first field of every Version
     app_run: int = 0
+    #: the app run's TLS trust when its works speak TLS (pathapi.wire.tls.tls_enabled), else
+    #: None. In the flow it also signs each work's certificate request (``tls.issue``); a
+    #: pickled copy (what a work receives) holds only the CA certificate.
+    tls: TlsConfig | None = None
 
     def work_root(self, name: str) -> str:
         return os.path.join(self.root, "works", name)
@@ -76,7 +81,17 @@ class WorkHandle(RunHandle, Protocol):
 
 
 class Runner(ABC):
-    """Makes the handles through which an App runs its works."""
+    """Makes the handles through which an App runs its works.
+
+    With TLS on (``config.tls`` set), a handle's work makes its origin key and sends a
+    certificate request before serving; the handle answers it with
+    ``config.tls.issue(name, csr_pem)`` (the CA never leaves the flow), and the work's
+    origin then serves ``https://`` only (pathapi.wire.tls).
+    """
+
+    #: True when every work runs on this machine (origin traffic stays on loopback): then
+    #: ``App(tls=None)`` means no TLS (pathapi.wire.tls.tls_enabled).
+    is_local: bool = True
 
     @abstractmethod
     def handle(self, work: Work, name: str, config: AppConfig, registry: Registry) -> WorkHandle:

@@ -19,6 +19,7 @@ import functools
 import hmac
 import os
 import resource
+import ssl
 import stat
 import threading
 from collections import OrderedDict
@@ -113,6 +114,13 @@ _PATH_MAX = 4096  # Linux: a longer path cannot be opened, so it cannot exist he
 #: errno values for which a path (or a link on the way) leads to nothing: it does not exist.
 _NOTHING_THERE = {errno.ENOENT: "does not exist", errno.ENOTDIR: "does not exist (a file where a folder is on its way)",
                   errno.ELOOP: "is a symlink loop", errno.ENAMETOOLONG: "is too long to exist"}
+
+
+def origin_url(host: str, port: int, *, tls: bool) -> str:
+    """The URL an origin is reached at: ``https://`` with TLS, else ``http://`` (an IPv6
+    address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 def busy_answer(reason: str, retry_after: int = BUSY_RETRY_AFTER) -> bytes:
@@ -335,8 +343,12 @@ class OriginService:
     def __init__(self, name: str, root: str, secret: str, workspace: Workspace, host: str = "127.0.0.1",
                  cache_bytes: int = CACHE_BYTES, *, idle_timeout: float = IDLE_TIMEOUT, io_timeout: float = IO_TIMEOUT,
                  header_timeout: float = HEADER_TIMEOUT, max_connections: int | None = None,
-                 reserved_connections: int | None = None, version: Callable[[], Version] | None = None) -> None:
+                 reserved_connections: int | None = None, version: Callable[[], Version] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        #: the server context when the origin speaks TLS (pathapi.wire.tls): then it accepts
+        #: TLS only (a plain-HTTP request fails the handshake and gets no answer) and its URL is https://
+        self.tls = tls
         #: which run of the work produced its files now (stamped on every manifest served)
         self.version = version
         self.root = os.path.abspath(root)
@@ -388,11 +400,18 @@ class OriginService:
         assert server is not None
 
         # aiohttp has no connection limit of its own: _Slots admits (or refuses) each one.
-        self._listener = await asyncio.get_running_loop().create_server(
-            lambda: self.slots.admit(server), self.host, port)
+        # With TLS the handshake counts against the connection's header_timeout too (its
+        # timer starts at the accept), and a handshake never lasts longer than that.
+        loop = asyncio.get_running_loop()
+        if self.tls is None:
+            self._listener = await loop.create_server(lambda: self.slots.admit(server), self.host, port)
+        else:
+            self._listener = await loop.create_server(
+                lambda: self.slots.admit(server), self.host, port, ssl=self.tls,
+                ssl_handshake_timeout=self.header_timeout, ssl_shutdown_timeout=min(10.0, self.io_timeout))
         sock = self._listener.sockets[0]
         host, port = sock.getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = origin_url(host, port, tls=self.tls is not None)
         return self.url
 
     async def stop(self) -> None:
