@@ -1,6 +1,8 @@
 """The origin service: each work serves the files under its root to the works of its app.
 
-HTTP (aiohttp) on loopback by default; every request must carry the app run's secret
+HTTP (aiohttp) on loopback by default, or HTTPS only when the app run speaks TLS (a server
+context from :mod:`.tls`: a certificate signed by the run's CA; a plain-HTTP request then
+fails the handshake and gets no answer); every request must carry the app run's secret
 (compared in constant time). A consumer asks for the *current* manifest of a path (a fresh
 snapshot, cheap thanks to the stat cache), then for chunks of it by id. Chunks are read
 straight from the files and checked against their ids before they are sent: a file that
@@ -257,6 +259,12 @@ class _Slots:
     def trusted(self) -> int:
         return len(self._trusted)
 
+    @property
+    def known(self) -> int:
+        """Connections this object still holds anything of (pending, trusted, or accepted
+        and not yet made): bounded by the slots, whatever clients do (tests check it)."""
+        return len(self._by_handler)
+
     def admit(self, make_handler: Callable[[], RequestHandler]) -> asyncio.BaseProtocol:
         """The protocol for a connection just accepted: a slot of its own, or a 503."""
         full = len(self._pending) + len(self._trusted) >= self.cap
@@ -316,6 +324,9 @@ class _Slots:
         transport = conn.transport
         if transport is None:  # accepted, not yet made: closed as soon as it is
             conn.doomed = (answer,)
+            # Its handler never runs. With TLS it may never be made at all (a failed
+            # handshake never reaches the protocol, nor does its loss): nothing here keeps it.
+            self._by_handler.pop(conn.handler, None)
         elif not transport.is_closing():
             _shut(transport, answer)
 
