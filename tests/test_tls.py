@@ -438,3 +438,29 @@ def test_without_tls_the_same_capture_shows_the_secret_so_the_check_can_fail(def
     assert tree_model(3)["model.bin"][:64] in wire
     assert flow.seen["plain_answer"].startswith(b"HTTP/1.1 200")
     assert flow.consumer.log["first"]["listing"] == flow.seen["first_listing"]
+
+
+class Idle(Work):
+    def run(self) -> None:
+        pass
+
+
+class OneWork(Flow):
+    def __init__(self) -> None:
+        super().__init__()
+        self.only = Idle()
+
+    def run(self) -> None:
+        self.only.run()
+
+
+def test_with_tls_a_work_whose_origin_cannot_be_certified_fails_to_start_naming_it(tmp_path: FsPath) -> None:
+    """0.0.0.0 is where a socket binds, never what a client connects to: no certificate can
+    name it, so the work's start fails at once with the reason (instead of serving https
+    that no consumer could verify)."""
+    from pathapi import WorkError
+
+    with pytest.raises(WorkError) as got:
+        App(OneWork(), root=tmp_path / "app", host="0.0.0.0", tls=True, start_timeout=60).run()
+    assert got.value.work_name == "root.only"
+    assert "unspecified address" in str(got.value)

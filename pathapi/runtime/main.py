@@ -26,6 +26,7 @@ import ssl
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cas.workspace import Workspace
@@ -75,17 +76,29 @@ def _open_context(name: str, config: AppConfig) -> WorkContext:
     return ctx
 
 
-def origin_tls(conn: Any, name: str, config: AppConfig) -> ssl.SSLContext | None:
+def origin_tls(name: str, config: AppConfig, ask_flow: Callable[[bytes], bytes],
+               hosts: Sequence[str] | None = None) -> ssl.SSLContext | None:
     """The origin's server context when the app run speaks TLS (else None): a key made
-    here, and the certificate the flow signs for it, for the host the origin's URL names."""
+    here, and the certificate the flow signs for it (``ask_flow`` sends the CSR over the
+    runner's channel and returns the flow's answer), for ``hosts``: what the origin's URL
+    names (default: the configured host; a runner that binds 0.0.0.0 names the node's address)."""
     if config.tls is None:
         return None
-    creds = OriginCredentials(name, [config.host])
-    conn.send(CertRequest(creds.csr_pem))
-    answer = conn.recv()
-    if not isinstance(answer, CertIssued):
-        raise RuntimeError(f"the flow answered the certificate request with {type(answer).__name__}")
-    return creds.server_context(answer.cert_pem, spill_dir=config.state_dir(name))
+    creds = OriginCredentials(name, list(hosts) if hosts is not None else [config.host])
+    return creds.server_context(ask_flow(creds.csr_pem), spill_dir=config.state_dir(name))
+
+
+def _ask_over_pipe(conn: Any) -> Callable[[bytes], bytes]:
+    """``ask_flow`` for a local work process: CertRequest on its pipe, CertIssued back."""
+
+    def ask(csr_pem: bytes) -> bytes:
+        conn.send(CertRequest(csr_pem))
+        answer = conn.recv()
+        if not isinstance(answer, CertIssued):
+            raise RuntimeError(f"the flow answered the certificate request with {type(answer).__name__}")
+        return answer.cert_pem
+
+    return ask
 
 
 def persist_main(conn: Any, name: str, config: AppConfig, rels: list[str], run: int) -> None:
@@ -113,7 +126,7 @@ def work_main(conn: Any, work: Work, name: str, config: AppConfig) -> None:
         ctx = _open_context(name, config)
         set_current(ctx)
         origin = OriginService(name, ctx.root, config.secret, ctx.workspace, host=config.host,
-                               version=lambda: ctx.version, tls=origin_tls(conn, name, config))
+                               version=lambda: ctx.version, tls=origin_tls(name, config, _ask_over_pipe(conn)))
         url = io_loop().run(origin.start(), timeout=60)
         persister = Persister(ctx)
     except BaseException as e:

@@ -77,6 +77,8 @@ CACHE_BYTES = int(os.environ.get("PATHAPI_ORIGIN_CACHE_MB", "64")) << 20
 #: in arrival order, which keeps them close together in the file (the frame cache then serves
 #: the followers).
 MAX_ANSWERS = 3
+#: With TLS, an answer is handed to the transport in pieces of this size (see _answer).
+TLS_WRITE = int(os.environ.get("PATHAPI_TLS_WRITE_KB", "1024")) << 10
 
 # What a hostile or broken client can hold, and for how long (docs/reliability.md):
 #: A new connection must have presented the app secret (complete request headers with a
@@ -632,7 +634,16 @@ class OriginService:
             resp.content_length = len(frames)
             async with self._sending(request):
                 await resp.prepare(request)
-                await resp.write(frames)
+                if self.tls is None:
+                    await resp.write(frames)
+                else:
+                    # asyncio's TLS transport encrypts what it is handed into a memory buffer
+                    # in one go, then copies it out: in TLS_WRITE pieces that buffer stays
+                    # small (docs/benchmarks.md, "TLS").
+                    view = memoryview(frames)
+                    for at in range(0, len(view), TLS_WRITE):
+                        await resp.write(view[at : at + TLS_WRITE])
+                    view.release()
                 del frames
                 await resp.write_eof()
             return resp
