@@ -464,3 +464,55 @@ def test_with_tls_a_work_whose_origin_cannot_be_certified_fails_to_start_naming_
         App(OneWork(), root=tmp_path / "app", host="0.0.0.0", tls=True, start_timeout=60).run()
     assert got.value.work_name == "root.only"
     assert "unspecified address" in str(got.value)
+
+
+# -- what hostile or many clients can hold, with TLS ---------------------------------------
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_with_tls_idle_connections_that_never_handshake_hold_no_more_than_the_slots(
+        tmp_path: FsPath, tree: FsPath, ca: tuple[CertificateAuthority, ssl.SSLContext]) -> None:
+    """A flood of TCP connections that never start TLS: each new one evicts the oldest
+    pending one, whose descriptor is freed at once (not when its handshake would time out),
+    so the origin holds about ``max_connections`` sockets, and a consumer still gets in."""
+    import socket
+
+    s = Served(tmp_path, origin_context(ca[0]), max_connections=16, header_timeout=30)
+    idle: list[socket.socket] = []
+    try:
+        before = _open_fds()
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", s.port)))
+        time.sleep(0.5)
+        server_side = _open_fds() - before - len(idle)
+        assert server_side <= 16 + 8, server_side
+        assert OriginClient("root.origin", s.url, SECRET, 10, ca[1]).exists("data") is True
+    finally:
+        for c in idle:
+            c.close()
+        s.close()
+
+
+def test_a_tls_origin_whose_slots_are_all_trusted_answers_busy_over_tls(
+        tmp_path: FsPath, tree: FsPath, ca: tuple[CertificateAuthority, ssl.SSLContext]) -> None:
+    """The 503 of a full origin goes inside TLS: the client sees "busy" (and retries), not a
+    TLS failure."""
+    import socket
+
+    s = Served(tmp_path, origin_context(ca[0]), max_connections=2, reserved_connections=1)
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(2):  # two connections that presented the secret and stay open
+            c = ca[1].wrap_socket(socket.create_connection(("127.0.0.1", s.port)), server_hostname="127.0.0.1")
+            c.sendall(f"GET /v1/exists?path=data HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\r\n"
+                      f"{HEADER_PROTOCOL}: {PROTOCOL_VERSION}\r\n\r\n".encode())
+            assert c.recv(100).startswith(b"HTTP/1.1 200")
+            held.append(c)
+        with pytest.raises(OriginUnreachableError, match="busy"):
+            OriginClient("root.origin", s.url, SECRET, 1.5, ca[1]).exists("data")
+        assert s.service.slots.refused >= 1
+    finally:
+        for c in held:
+            c.close()
+        s.close()

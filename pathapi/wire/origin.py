@@ -77,6 +77,8 @@ CACHE_BYTES = int(os.environ.get("PATHAPI_ORIGIN_CACHE_MB", "64")) << 20
 #: in arrival order, which keeps them close together in the file (the frame cache then serves
 #: the followers).
 MAX_ANSWERS = 3
+#: With TLS, how long a closing connection waits for the client's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 10.0
 #: With TLS, an answer is handed to the transport in pieces of this size (see _answer).
 TLS_WRITE = int(os.environ.get("PATHAPI_TLS_WRITE_KB", "1024")) << 10
 
@@ -141,15 +143,28 @@ class _Busy(asyncio.Protocol):
         self._answer = answer
         self._slots = slots
         self._timer: asyncio.TimerHandle | None = None
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.write(self._answer)
         if self._slots.lingering >= MAX_BUSY_LINGERING:
-            transport.close()
+            _shut(transport, None if self._slots.tls is not None else self._answer)
             return
-        self._slots.lingering += 1
+        self._slots.lingering += 1  # with TLS, from the start of the handshake
+        self._counted = True
+        if self._slots.tls is None:
+            self._answer_on(transport)
+        else:  # the answer goes inside TLS, so that the client sees "busy" and retries
+            _start_tls(transport, self, self._slots, self._answer_on, self._gone)
+
+    def _answer_on(self, transport: asyncio.Transport) -> None:
+        transport.write(self._answer)
         self._timer = asyncio.get_running_loop().call_later(BUSY_LINGER, transport.close)
+
+    def _gone(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._slots.lingering -= 1
 
     def data_received(self, data: bytes) -> None:
         pass  # the request of a client we cannot serve: dropped
@@ -161,7 +176,35 @@ class _Busy(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._slots.lingering -= 1
+        self._gone()
+
+
+def _start_tls(raw: asyncio.Transport, protocol: asyncio.Protocol, slots: _Slots,
+               made: Callable[[asyncio.Transport], None], failed: Callable[[], None]) -> None:
+    """Run the TLS handshake of a connection on its plain transport ``raw`` (which stays
+    ours until it is done, so that it can be closed at once, its descriptor freed, whatever
+    the client does), within the header timeout; then ``made(tls transport)``, or
+    ``failed()`` once the connection is closed (handshake failed, timed out, or aborted)."""
+    raw.pause_reading()  # nothing is read before the TLS layer takes the transport over
+    context = slots.tls
+    assert context is not None
+
+    async def handshake() -> None:
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                raw, protocol, context, server_side=True, ssl_handshake_timeout=slots.header_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+        except Exception:  # noqa: BLE001 - whatever a client did, it is closed and forgotten
+            secure = None
+        if secure is None or secure.is_closing():
+            raw.abort()
+            failed()
+            return
+        made(secure)
+
+    task = asyncio.get_running_loop().create_task(handshake())
+    slots.handshakes.add(task)
+    task.add_done_callback(slots.handshakes.discard)
 
 
 class _Tracked(asyncio.Protocol):
@@ -177,24 +220,57 @@ class _Tracked(asyncio.Protocol):
         #: Closed by _Slots before the loop made the connection (accepts come in bursts):
         #: the answer to send it, if any, once it is made; the handler never sees it.
         self.doomed: tuple[bytes | None] | None = None
+        #: With TLS: the handshake is under way on ``transport`` (the plain one), which is
+        #: then only ever aborted (a plain answer would be garbage to a TLS client).
+        self.handshaking = False
+        #: With TLS: what came in between the end of the handshake and the handler's start
+        #: (the TLS layer delivers the client's first bytes as soon as it has them, at most
+        #: one read of them before the handler starts), and whether the client's EOF did.
+        self._early: list[bytes] = []
+        self._early_eof = False
         self._started = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         if self.doomed is not None:
-            _shut(transport, self.doomed[0])
+            _shut(transport, self.doomed[0] if self.slots.tls is None else None)
             return
+        if self.slots.tls is None:
+            self._start(transport)
+            return
+        self.handshaking = True
+        _start_tls(transport, self, self.slots, self._secured, self._failed)
+
+    def _secured(self, transport: asyncio.Transport) -> None:
+        self.handshaking = False
+        self.transport = transport
+        self._start(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.handler.data_received(data)
+        if self._early_eof:
+            self.handler.eof_received()
+
+    def _failed(self) -> None:
+        self.handshaking = False
+        self.slots.forget(self)
+
+    def _start(self, transport: asyncio.Transport) -> None:
         self._started = True
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._started:
             self.handler.data_received(data)
+        elif self.handshaking:
+            self._early.append(data)
 
     def eof_received(self) -> None:
         if self._started:
             self.handler.eof_received()  # None: the transport closes, as for aiohttp alone
+        elif self.handshaking:
+            self._early_eof = True
 
     def pause_writing(self) -> None:
         if self._started:
@@ -238,8 +314,13 @@ class _Slots:
       reason and ``Retry-After``; the client retries (pathapi.wire.client).
     """
 
-    def __init__(self, name: str, cap: int, reserved: int, header_timeout: float) -> None:
+    def __init__(self, name: str, cap: int, reserved: int, header_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        #: With TLS, each connection's handshake runs in the slot it was admitted to (see
+        #: _start_tls): a connection that never completes it is closed like any pending one.
+        self.tls = tls
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.cap = cap
         self.reserved = min(max(1, reserved), cap - 1) if cap > 1 else 0
         self.header_timeout = header_timeout
@@ -326,9 +407,8 @@ class _Slots:
         transport = conn.transport
         if transport is None:  # accepted, not yet made: closed as soon as it is
             conn.doomed = (answer,)
-            # Its handler never runs. With TLS it may never be made at all (a failed
-            # handshake never reaches the protocol, nor does its loss): nothing here keeps it.
-            self._by_handler.pop(conn.handler, None)
+        elif conn.handshaking:
+            transport.abort()  # no TLS yet: nothing can be said to the client
         elif not transport.is_closing():
             _shut(transport, answer)
 
@@ -381,7 +461,7 @@ class OriginService:
         self.header_timeout = header_timeout
         #: Slots only connections that presented the secret may hold (see _Slots).
         self.reserved_connections = max(1, max_connections // RESERVED_SHARE) if reserved_connections is None else reserved_connections
-        self.slots = _Slots(name, max_connections, self.reserved_connections, header_timeout)
+        self.slots = _Slots(name, max_connections, self.reserved_connections, header_timeout, tls)
         #: Chunk reads from disk, for tests and benchmarks ("each chunk read once").
         self.chunks_read = 0
         self.bytes_read = 0
@@ -413,15 +493,11 @@ class OriginService:
         assert server is not None
 
         # aiohttp has no connection limit of its own: _Slots admits (or refuses) each one.
-        # With TLS the handshake counts against the connection's header_timeout too (its
-        # timer starts at the accept), and a handshake never lasts longer than that.
-        loop = asyncio.get_running_loop()
-        if self.tls is None:
-            self._listener = await loop.create_server(lambda: self.slots.admit(server), self.host, port)
-        else:
-            self._listener = await loop.create_server(
-                lambda: self.slots.admit(server), self.host, port, ssl=self.tls,
-                ssl_handshake_timeout=self.header_timeout, ssl_shutdown_timeout=min(10.0, self.io_timeout))
+        # With TLS the listener is plain and each admitted connection runs its handshake in
+        # its slot (_start_tls): it counts against the connection's header_timeout (its
+        # timer starts at the accept), and a connection closed meanwhile is gone at once.
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: self.slots.admit(server), self.host, port)
         sock = self._listener.sockets[0]
         host, port = sock.getsockname()[:2]
         self.url = origin_url(host, port, tls=self.tls is not None)
@@ -430,6 +506,8 @@ class OriginService:
     async def stop(self) -> None:
         if self._listener is not None:
             self._listener.close()
+        for handshake in list(self.slots.handshakes):
+            handshake.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._listener is not None:
