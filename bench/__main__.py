@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pause", type=float, default=1.0, help="seconds the disk settles (after a sync) before each measurement")
     ap.add_argument("--keep", action="store_true", help="keep the data folder")
     ap.add_argument("--no-docs", action="store_true", help="write results JSON only, not docs/")
+    ap.add_argument("--tls", action="store_true",
+                    help="the transfer scenarios with TLS between the works (App(tls=True)), as on a cluster")
     ap.add_argument("--report", metavar="JSON", help="only render docs/ from a saved results file")
     ap.add_argument("--rerun", metavar="JSON", action="append", default=[],
                     help="with --report: a later run whose scenarios replace the same scenarios of the first "
@@ -93,14 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                     "load_at_start": os.getloadavg()},
         "size": args.size, "rss_size": args.rss_size, "files": args.files, "repeat": args.repeat,
-        "small_repeat": args.small_repeat, "fan_repeat": args.fan_repeat, "scenarios": want, "aggregate": "median of the repeats (seconds); bytes of the median repeat; peak RSS: max over repeats",
+        "small_repeat": args.small_repeat, "fan_repeat": args.fan_repeat, "scenarios": want, "tls": args.tls,
+        "aggregate": "median of the repeats (seconds); bytes of the median repeat; peak RSS: max over repeats",
     }
     base = Path(tempfile.mkdtemp(prefix="pathapi-bench-", dir=args.dir))
     try:
         if TRANSFER & set(want):
             cfg = {"base": str(base / "transfers"), "size": args.size, "files": args.files, "repeat": args.repeat,
                    "small_repeat": args.small_repeat, "fan_repeat": args.fan_repeat, "scenarios": want,
-                   "pause": args.pause}
+                   "pause": args.pause, "tls": args.tls}
             res["transfers"] = suite.run_transfers(cfg)
             _save(res, partial=True)
             if not args.keep:

@@ -29,6 +29,14 @@ from dataclasses import dataclass, field
 MiB = 1 << 20
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process ``pid`` has used so far: what a
+    measurement costs in CPU, which a loaded machine changes far less than wall time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def settle(pause: float = 1.0) -> None:
     """Flush dirty pages and let the disk go quiet, so one measurement does not pay for the
     writeback of the one before it (this VM's disk swings by 3x with its recent history)."""

@@ -38,7 +38,7 @@ from pathapi.wire.protocol import ROUTE_MANIFEST, ROUTE_STATS
 
 from . import data as gen
 from . import peers
-from .measure import PeakRss, run_command, settle
+from .measure import PeakRss, cpu_seconds, run_command, settle
 
 ORIGIN = "root.origin"
 SMALL_ORIGIN = "root.smallorigin"
@@ -110,7 +110,7 @@ class Bench(Flow):
         url = self.app.handle(work).url
         assert url is not None, f"{work.name} serves nothing"
         req = urllib.request.Request(url + path, headers=request_headers(self.app.secret))
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=self.app.client_ssl_context()) as r:
             return r.read()
 
     def origin_stats(self, work: Work) -> dict[str, Any]:
@@ -131,20 +131,23 @@ class Bench(Flow):
     def row(self, scenario: str, tool: str, rep: int, seconds: float, moved: int, rss: dict[str, Any], **extra: Any) -> None:
         r = {"scenario": scenario, "tool": tool, "rep": rep, "seconds": seconds, "bytes_moved": moved, **rss, **extra}
         self.rows.append(r)
+        cpu = f"  cpu {extra['cpu_s_origin']:.2f} s origin + {extra['cpu_s_consumer']:.2f} s consumer" if "cpu_s_origin" in extra else ""
         print(f"  {scenario:<10} {tool:<10} rep {rep}: {seconds:8.3f} s  {moved / 2**20:10.1f} MiB moved  "
-              f"peak RSS {rss.get('peak_rss_max_process_MiB', 0):6.1f} MiB/process", file=sys.stderr, flush=True)
+              f"peak RSS {rss.get('peak_rss_max_process_MiB', 0):6.1f} MiB/process{cpu}", file=sys.stderr, flush=True)
 
     def ours(self, scenario: str, rep: int, consumer: Consumer, path: Path, origin: Work, **extra: Any) -> dict[str, Any]:
         settle(self.cfg["pause"])
-        with PeakRss([self._pid(origin), self._pid(consumer)],
-                     names={self._pid(origin): origin.name, self._pid(consumer): consumer.name}) as rss:
+        pids = (self._pid(origin), self._pid(consumer))
+        with PeakRss(pids, names={pids[0]: origin.name, pids[1]: consumer.name}) as rss:
+            cpu0 = [cpu_seconds(p) for p in pids]
             t = time.perf_counter()
             consumer.run("get", path)
             wall = time.perf_counter() - t
+            cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
         rec = consumer.record
         self.row(scenario, "pathapi", rep, rec["seconds"], rec["bytes_transferred"], rss.report.as_dict(),
                  wall=wall, chunks_transferred=rec["chunks_transferred"], chunks_reused=rec["chunks_reused"],
-                 bytes_total=rec["bytes_total"], files=rec["files"], **extra)
+                 bytes_total=rec["bytes_total"], files=rec["files"], cpu_s_origin=cpu[0], cpu_s_consumer=cpu[1], **extra)
         return rec
 
     def peers(self, scenario: str, rep: int, rel: str, files: int, *, fresh_rsync: bool = False,
@@ -359,7 +362,7 @@ def run_transfers(cfg: dict[str, Any]) -> dict[str, Any]:
           file=sys.stderr)
     flow = Bench({**cfg, "origin_root": str(origin_root), "small_root": str(small_root), "app_root": str(app_root),
                   "peers": str(base / "peers")})
-    app = App(flow, root=app_root)
+    app = App(flow, root=app_root, tls=bool(cfg.get("tls")))
     flow._app = app
     app.run()
     return {"checkpoint_files": sizes, "small_files_bytes": small_bytes, "rows": flow.rows, "notes": flow.notes}

@@ -65,6 +65,16 @@ class AuthenticationError(OriginError, PermissionError):
     """The origin refused the request: wrong or missing app secret."""
 
 
+class OriginTLSError(OriginError, ConnectionError):
+    """TLS with the origin failed: it does not speak TLS, or its certificate does not chain
+    to this app run's CA, names another host, or is outside its validity window. Never
+    answered by falling back to the artifacts: it means a misconfiguration or an impostor."""
+
+
+class TlsError(PathapiError, ValueError):
+    """A certificate or certificate request that the app run's TLS profile refuses."""
+
+
 class OlderVersionError(PathapiError, _OfWork, RuntimeError):
     """A get could only have replaced this work's files by an older version of them (the
     origin is gone and its last persist predates them): nothing was changed."""

@@ -133,7 +133,7 @@ def _locate(ctx: WorkContext, origin: str, rel: str) -> _Located:
     """The current manifest of ``origin``'s ``rel``, its version, and where its chunks come from."""
     url = ctx.registry.get(origin)
     if url:
-        client = OriginClient(origin, url, ctx.secret, ctx.timeout)
+        client = OriginClient(origin, url, ctx.secret, ctx.timeout, ctx.tls)
         try:
             m, version = client.current(rel)
         except OriginUnreachableError:
@@ -302,7 +302,7 @@ def exists_remote(path: SharedPath) -> bool:
     url = ctx.registry.get(origin)
     if url:
         try:
-            return OriginClient(origin, url, ctx.secret, ctx.timeout).exists(rel)
+            return OriginClient(origin, url, ctx.secret, ctx.timeout, ctx.tls).exists(rel)
         except OriginUnreachableError:
             if ctx.artifacts.lookup(origin, rel) is None:
                 raise

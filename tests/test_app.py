@@ -286,9 +286,14 @@ class ArgsFlow(Flow):
         self.receiver.run([p.folder], (p.single,), by_key={"other": p.other}, missing=p.missing)
 
 
-@pytest.fixture(scope="module")
-def args_app(tmp_path_factory):
-    return run_app(ArgsFlow(), tmp_path_factory.mktemp("args") / "app")
+#: Fixtures whose tests also run with TLS between the works (App(tls=True)): the same
+#: semantics must hold over https (tests/test_tls.py tests TLS itself).
+TLS_PARAMS = {"params": [False, True], "ids": ["plain", "tls"]}
+
+
+@pytest.fixture(scope="module", **TLS_PARAMS)
+def args_app(tmp_path_factory, request):
+    return run_app(ArgsFlow(), tmp_path_factory.mktemp("args") / "app", tls=request.param)
 
 
 def test_paths_among_run_args_are_transferred_before_run_also_in_lists_tuples_and_dicts(args_app):
@@ -434,9 +439,9 @@ class GetFlow(Flow):
         self.consumer.run("second")
 
 
-@pytest.fixture(scope="module")
-def get_app(tmp_path_factory):
-    return run_app(GetFlow(), tmp_path_factory.mktemp("get") / "app")
+@pytest.fixture(scope="module", **TLS_PARAMS)
+def get_app(tmp_path_factory, request):
+    return run_app(GetFlow(), tmp_path_factory.mktemp("get") / "app", tls=request.param)
 
 
 def test_exists_remote_asks_the_origin_and_exists_local_looks_here(get_app):

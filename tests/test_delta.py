@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tlskit import new_ca, origin_context
 
 import pathapi.wire.client as client_module
 from cas import delta
@@ -64,16 +65,21 @@ def test_apply_rejects_a_payload_that_does_not_fit() -> None:
 
 
 # -- a real get ------------------------------------------------------------------------------
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[OriginService, OriginClient, Workspace, Path, Path]]:
+@pytest.fixture(params=[False, True], ids=["plain", "tls"])
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[OriginService, OriginClient, Workspace, Path, Path]]:
+    """An origin and its client, over plain HTTP and over TLS (a CA of this test's, pinned)."""
     root = tmp_path / "origin"
     root.mkdir()
     ows = Workspace(tmp_path / "ostate")
-    service = OriginService("root.origin", str(root), "secret", ows)
+    server_tls = client_tls = None
+    if request.param:
+        ca, client_tls = new_ca()
+        server_tls = origin_context(ca)
+    service = OriginService("root.origin", str(root), "secret", ows, tls=server_tls)
     url = io_loop().run(service.start(), timeout=30)
     cws = Workspace(tmp_path / "cstate")
     try:
-        yield service, OriginClient("root.origin", url, "secret", 10), cws, root, tmp_path / "consumer"
+        yield service, OriginClient("root.origin", url, "secret", 10, client_tls), cws, root, tmp_path / "consumer"
     finally:
         io_loop().run(service.stop(), timeout=30)
         io_loop().run(close_sessions(), timeout=30)

@@ -43,7 +43,7 @@ MATERIALIZE_INNER = {
 #: pathapi modules that import no other pathapi module but the error tree (leaves others build on).
 PATHAPI_LEAVES = {"errors", "version", "wire/protocol", "aio", "chunkcache", "paths", "driveindex"}
 #: pathapi modules that import nothing of the runtime (the wire layer serves both sides).
-PATHAPI_NO_RUNTIME = ["wire/codec", "wire/client", "wire/origin", "artifacts", "held"]
+PATHAPI_NO_RUNTIME = ["wire/codec", "wire/client", "wire/origin", "wire/tls", "artifacts", "held"]
 
 
 def top_level_imports(path: Path, package: str) -> set[str]:

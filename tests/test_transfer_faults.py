@@ -257,11 +257,13 @@ def wait_for(cond: Any, limit: float, what: str) -> None:
 
 
 # -- the origin dies mid-transfer --------------------------------------------------------
-@pytest.mark.parametrize("speed", ["slowed", "full_speed"])
-def test_origin_killed_mid_transfer_leaves_the_consumer_files_as_before(tmp_path: FsPath, speed: str) -> None:
+@pytest.mark.parametrize("speed, tls", [("slowed", False), ("full_speed", False), ("slowed", True)],
+                         ids=["slowed", "full_speed", "slowed-tls"])
+def test_origin_killed_mid_transfer_leaves_the_consumer_files_as_before(tmp_path: FsPath, speed: str, tls: bool) -> None:
     """``slowed``: each chunk batch waits 0.4 s at the origin, so the kill surely lands while
     chunks are in flight. ``full_speed``: a 96 MiB file at full speed, killed 50 ms into
-    it; the get then usually fails mid-body, and may have finished (then it is complete)."""
+    it; the get then usually fails mid-body, and may have finished (then it is complete).
+    ``slowed-tls``: the same over TLS (a TLS stream cut off is an unreachable origin too)."""
     slowed = speed == "slowed"
     size = 64 * MiB if slowed else 96 * MiB
 
@@ -303,7 +305,7 @@ def test_origin_killed_mid_transfer_leaves_the_consumer_files_as_before(tmp_path
     root = tmp_path / "app"
     flow = App2(steps, consumer_parallel=True)
     flow.log["root"] = root
-    App(flow, root=root, timeout=10).run()
+    App(flow, root=root, timeout=10, tls=tls).run()
     log = flow.log
     v1, v2 = log["v1"], log["v2"]
     assert v1 != v2

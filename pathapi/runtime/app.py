@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import WorkError
+from ..wire.tls import TlsConfig, tls_enabled
 from .cluster import LOCAL, SharedFolder, check_store, runner_for
 from .flow import Flow
 from .process import EXIT_UNGUARDED_MAIN, UNGUARDED_MAIN_MESSAGE
@@ -37,12 +39,17 @@ class App:
     :class:`~.cluster.SharedFolder` (ValueError otherwise). ``ui=True`` serves the storage
     browser (:mod:`pathapi.ui`) on 127.0.0.1 while the app runs and prints its URL;
     ``report_transfers`` prints one line per get (``pathapi run`` sets it unless ``-q``).
+
+    ``tls``: whether the works' origins speak TLS, with a certificate authority made for each
+    run and pinned by every consumer (pathapi.wire.tls). None (the default) means on
+    whenever the works may be on other machines (the runner is not local), off for local
+    processes, which talk over loopback; True forces it on, False off.
     """
 
     def __init__(self, flow: Flow, root: str | os.PathLike[str] | None = None, store: str | os.PathLike[str] | None = None,
                  *, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", start_timeout: float = 120.0,
                  runner: Runner | None = None, cluster: str = LOCAL, ui: bool = False,
-                 report_transfers: bool = False) -> None:
+                 report_transfers: bool = False, tls: bool | None = None) -> None:
         if runner is not None and cluster != LOCAL:
             raise ValueError(f"give App a runner= or a cluster= ({cluster!r}), not both")
         self.flow = flow
@@ -58,6 +65,8 @@ class App:
         self.start_timeout = start_timeout
         self.handles: dict[str, WorkHandle] = {}
         self._secret: str | None = None
+        self.tls = tls
+        self._tls: TlsConfig | None = None
         self.ui = ui
         self.report_transfers = report_transfers
         #: the storage browser's URL (with its token) while it runs (``ui=True``)
@@ -90,6 +99,19 @@ class App:
             raise RuntimeError("the app has not started: it has no secret yet")
         return self._secret
 
+    @property
+    def tls_on(self) -> bool:
+        """Whether this app's runs speak TLS between works (``tls`` and the runner decide)."""
+        return tls_enabled(self.tls, cluster_is_local=self.runner.is_local)
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """A client context that trusts only the current run's CA (None when the run does
+        not speak TLS), for tools that ask a work's origin from the flow; RuntimeError
+        before the app runs."""
+        if self._secret is None:
+            raise RuntimeError("the app has not started: it has no certificate authority yet")
+        return self._tls.client_context() if self._tls is not None else None
+
     def run(self) -> Any:
         """Start the works, run the flow once, stop the works (persisting their Paths).
 
@@ -112,8 +134,11 @@ class App:
                 raise ValueError(f"the same work object is attached twice: {seen[id(w)]} and {name}")
             seen[id(w)] = name
             w._attach(name)
+        app_run = time.time_ns()
+        # A new CA per run: nothing issued for an earlier run is trusted by this one.
+        self._tls = TlsConfig.new(str(app_run)) if self.tls_on else None
         self._secret = secrets.token_urlsafe(32)
-        config = AppConfig(self.root, self.store, self._secret, self.timeout, self.host, app_run=time.time_ns(),
+        config = AppConfig(self.root, self.store, self._secret, self.timeout, self.host, app_run=app_run, tls=self._tls,
                            report_transfers=self.report_transfers)
         os.makedirs(self.root, exist_ok=True)
         with _sigterm_as_interrupt(), self._browser():

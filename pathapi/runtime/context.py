@@ -6,6 +6,7 @@ none, which is how ``Path.get`` and friends know to refuse being called there.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,9 @@ class WorkContext:
     report_path: Callable[[str], None] | None = None
     #: print one line per get (``pathapi run`` without ``-q``); set by the runner
     report_transfers: bool = False
+    #: the client context that pins the app run's CA when its works speak TLS (else None):
+    #: every request to another work's origin goes over TLS with it
+    tls: ssl.SSLContext | None = None
 
 
 _current: WorkContext | None = None

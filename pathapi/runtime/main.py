@@ -10,7 +10,9 @@ Guarantees kept here:
 - what is persisted is a state at the end of a run: a :class:`~.messages.Run` is applied
   only once the persist of the previous run's end state has read the files;
 - a work process never outlives its app: it dies with its parent (``PR_SET_PDEATHSIG`` on
-  Linux, and a watchdog on the parent's sentinel everywhere).
+  Linux, and a watchdog on the parent's sentinel everywhere);
+- with TLS, the origin's private key is made here and never leaves this process: the flow
+  gets a certificate request and answers with the certificate (:func:`origin_tls`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import ssl
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cas.workspace import Workspace
@@ -33,8 +37,9 @@ from ..artifacts import ArtifactStore
 from ..version import Version
 from ..wire.client import close_sessions
 from ..wire.origin import OriginService
+from ..wire.tls import OriginCredentials
 from .context import WorkContext, set_current
-from .messages import Done, Failed, PathAssigned, Ready, Run, Stop, Stopped
+from .messages import CertIssued, CertRequest, Done, Failed, PathAssigned, Ready, Run, Stop, Stopped
 from .persist import Persister, persist_all
 from .runner import AppConfig
 from .state import iter_paths, own_paths, public_state
@@ -69,7 +74,33 @@ def _open_context(name: str, config: AppConfig) -> WorkContext:
     ctx = WorkContext(name, root, workspace, artifacts, config.secret, config.timeout)
     ctx.version = Version(config.app_run, 0, Version.ENDED)
     ctx.report_transfers = config.report_transfers
+    ctx.tls = config.tls.client_context() if config.tls is not None else None
     return ctx
+
+
+def origin_tls(name: str, config: AppConfig, ask_flow: Callable[[bytes], bytes],
+               hosts: Sequence[str] | None = None) -> ssl.SSLContext | None:
+    """The origin's server context when the app run speaks TLS (else None): a key made
+    here, and the certificate the flow signs for it (``ask_flow`` sends the CSR over the
+    runner's channel and returns the flow's answer), for ``hosts``: what the origin's URL
+    names (default: the configured host; a runner that binds 0.0.0.0 names the node's address)."""
+    if config.tls is None:
+        return None
+    creds = OriginCredentials(name, list(hosts) if hosts is not None else [config.host])
+    return creds.server_context(ask_flow(creds.csr_pem), spill_dir=config.state_dir(name))
+
+
+def _ask_over_pipe(conn: Any) -> Callable[[bytes], bytes]:
+    """``ask_flow`` for a local work process: CertRequest on its pipe, CertIssued back."""
+
+    def ask(csr_pem: bytes) -> bytes:
+        conn.send(CertRequest(csr_pem))
+        answer = conn.recv()
+        if not isinstance(answer, CertIssued):
+            raise RuntimeError(f"the flow answered the certificate request with {type(answer).__name__}")
+        return answer.cert_pem
+
+    return ask
 
 
 def persist_main(conn: Any, name: str, config: AppConfig, rels: list[str], run: int) -> None:
@@ -109,7 +140,7 @@ def serve(conn: Any, work: Work, name: str, config: AppConfig) -> None:
         ctx = _open_context(name, config)
         set_current(ctx)
         origin = OriginService(name, ctx.root, config.secret, ctx.workspace, host=config.host,
-                               version=lambda: ctx.version)
+                               version=lambda: ctx.version, tls=origin_tls(name, config, _ask_over_pipe(conn)))
         url = io_loop().run(origin.start(), timeout=60)
         persister = Persister(ctx)
     except BaseException as e:

@@ -3,8 +3,9 @@
 Each is a small frozen dataclass, pickled over the pipe between two processes of the same
 app run (same code on both ends: nothing here is a stored or versioned format).
 
-    flow -> work: Run   Stop
-    work -> flow: Ready   Failed (start failed)   then per run: PathAssigned*, Done | Failed
+    flow -> work: CertIssued (TLS only, the answer to CertRequest)   Run   Stop
+    work -> flow: CertRequest (TLS only, before Ready)   Ready   Failed (start failed)
+                  then per run: PathAssigned*, Done | Failed
                   Stopped (after Stop: the persist errors)
 """
 
@@ -29,6 +30,22 @@ class Run:
 @dataclass(frozen=True)
 class Stop:
     """Finish persisting, answer :class:`Stopped`, exit."""
+
+
+@dataclass(frozen=True)
+class CertRequest:
+    """With TLS, before its origin serves: the work's certificate signing request (PEM) for
+    the key it made and keeps (pathapi.wire.tls.OriginCredentials); the flow signs it."""
+
+    csr_pem: bytes
+
+
+@dataclass(frozen=True)
+class CertIssued:
+    """The flow's answer to :class:`CertRequest`: the origin's certificate (PEM), signed by
+    the app run's CA."""
+
+    cert_pem: bytes
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ import multiprocessing as mp
 import pickle
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from ..errors import WorkError
+from ..errors import TlsError, WorkError
 from .main import persist_main, work_main
-from .messages import Done, Failed, PathAssigned, Ready, Run, RunEnd, Stop, Stopped
+from .messages import CertIssued, CertRequest, Done, Failed, PathAssigned, Ready, Run, RunEnd, Stop, Stopped
 from .runner import AppConfig, Registry, Runner
 from .state import own_paths, public_state
 from .work import Work
@@ -150,22 +151,40 @@ class ProcessHandle:
         self._child_conn.close()
 
     def wait_ready(self, timeout: float) -> str:
-        if not self._conn.poll(timeout):
-            self.process.kill()
-            raise WorkError(self.name, f"did not start within {timeout:g} s")
-        try:
-            msg = self._conn.recv()
-        except EOFError:
-            self.process.join(5)
-            code = self.process.exitcode
-            if code == EXIT_UNGUARDED_MAIN:
-                raise WorkError(self.name, f"could not start: {UNGUARDED_MAIN_MESSAGE}") from None
-            raise WorkError(self.name, f"process exited while starting ({self._death()}); "
-                                       "its error output above says why") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                self.process.kill()
+                raise WorkError(self.name, f"did not start within {timeout:g} s")
+            try:
+                msg = self._conn.recv()
+            except EOFError:
+                self.process.join(5)
+                code = self.process.exitcode
+                if code == EXIT_UNGUARDED_MAIN:
+                    raise WorkError(self.name, f"could not start: {UNGUARDED_MAIN_MESSAGE}") from None
+                raise WorkError(self.name, f"process exited while starting ({self._death()}); "
+                                           "its error output above says why") from None
+            if not isinstance(msg, CertRequest):
+                break
+            self._issue(msg)
         if not isinstance(msg, Ready):
             raise WorkError(self.name, msg.message, msg.traceback)
         self.url = msg.url
         return msg.url
+
+    def _issue(self, request: CertRequest) -> None:
+        """Sign the work's certificate request with the app run's CA (TLS): the key stays
+        in the work, the CA in this process."""
+        tls = self.config.tls
+        try:
+            if tls is None:
+                raise TlsError("this app run does not speak TLS", self.name)
+            cert = tls.issue(self.name, request.csr_pem)
+        except TlsError as e:
+            self.process.kill()
+            raise WorkError(self.name, f"could not start: its origin certificate was refused: {e}") from None
+        self._conn.send(CertIssued(cert))
 
     @property
     def pid(self) -> int | None:

@@ -122,6 +122,8 @@ class RayRunner(Runner):
     its connection; otherwise the runner connects in :meth:`open` and disconnects in :meth:`close`."""
 
     needs_shared_store = True
+    #: works may be on other machines: App(tls=None) turns TLS on (pathapi.wire.tls.tls_enabled)
+    is_local = False
 
     def __init__(self, address: str = "auto", connect_timeout: float = 10.0) -> None:
         self.address = address

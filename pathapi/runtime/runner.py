@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import WorkError
+from ..wire.tls import TlsConfig
 from .work import RunHandle, Work
 
 #: Set in the environment of a work's process by runners whose processes import the app's
@@ -47,6 +48,10 @@ class AppConfig:
     app_run: int = 0
     #: every get prints one line saying what moved and what was reused (``pathapi run``)
     report_transfers: bool = False
+    #: the app run's TLS trust when its works speak TLS (pathapi.wire.tls.tls_enabled), else
+    #: None. In the flow it also signs each work's certificate request (``tls.issue``); a
+    #: pickled copy (what a work receives) holds only the CA certificate.
+    tls: TlsConfig | None = None
 
     def work_root(self, name: str) -> str:
         return os.path.join(self.root, "works", name)
@@ -86,11 +91,19 @@ class Runner(ABC):
 
     ``App.run`` calls :meth:`open` once with every work before it asks for their handles,
     and :meth:`close` once after every handle stopped (also when starting failed).
+
+    With TLS on (``config.tls`` set), a handle's work makes its origin key and sends a
+    certificate request before serving; the handle answers it with
+    ``config.tls.issue(name, csr_pem)`` (the CA never leaves the flow), and the work's
+    origin then serves ``https://`` only (pathapi.wire.tls).
     """
 
     #: True when works may run on other machines: the App then refuses an artifact store
     #: that only this machine sees (see :mod:`.cluster`)
     needs_shared_store: bool = False
+    #: True when every work runs on this machine (origin traffic stays on loopback): then
+    #: ``App(tls=None)`` means no TLS (pathapi.wire.tls.tls_enabled)
+    is_local: bool = True
 
     def open(self, works: list[tuple[str, Work]], config: AppConfig) -> None:
         """Get ready to run ``works`` (connect to a cluster, place them); raises a

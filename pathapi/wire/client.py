@@ -3,7 +3,10 @@
 Connection problems and timeouts become :class:`OriginUnreachableError` within the
 configured timeout (never a hang), and so does an origin that stays busy (503: no
 connection slot free) for that long, after retries with backoff; a refused secret is
-:class:`AuthenticationError`.
+:class:`AuthenticationError`. With TLS (a client given the app run's pinned context, see
+:mod:`.tls`) every request goes over TLS to an ``https://`` URL: an ``http://`` URL is refused
+before anything is sent (the secret never goes out in clear), and an origin whose
+certificate does not verify is :class:`OriginTLSError`, raised before any request is sent.
 Every chunk is decoded and verified against its id here, before anyone writes it.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import ssl
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -26,7 +30,7 @@ from cas.hashing import ChunkId, chunk_id, verify
 from cas.store.base import ChunkSource
 
 from ..aio import io_loop
-from ..errors import AuthenticationError, OriginError, OriginUnreachableError, StaleManifestError
+from ..errors import AuthenticationError, OriginError, OriginTLSError, OriginUnreachableError, StaleManifestError
 from ..version import Version
 from . import samehost
 from .codec import (
@@ -87,13 +91,26 @@ async def close_sessions() -> None:
 
 
 class OriginClient:
-    """Talks to the origin service of work ``name`` at ``url``."""
+    """Talks to the origin service of work ``name`` at ``url``.
 
-    def __init__(self, name: str, url: str, secret: str, timeout: float) -> None:
+    ``tls`` is the app run's client context (:meth:`.tls.TlsConfig.client_context`) when
+    the run speaks TLS: then ``url`` must be ``https://`` (else :class:`OriginTLSError`,
+    here, before any connection), and without it ``url`` must be ``http://``.
+    """
+
+    def __init__(self, name: str, url: str, secret: str, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.secret = secret
+        self.tls = tls
+        scheme = self.url.split("://", 1)[0].lower()
+        if tls is not None and scheme != "https":
+            raise OriginTLSError(
+                f"origin {name!r} at {self.url}: this app run speaks TLS, and this URL is not https://; "
+                "nothing was sent (the app secret never goes out in clear)", name)
+        if tls is None and scheme == "https":
+            raise OriginTLSError(f"origin {name!r} at {self.url} speaks TLS, and this work has no CA to verify it with", name)
         self._headers = request_headers(secret)
         #: the origin's same-host socket, when its last manifest answer offered one usable here
         self.same_host: str | None = None
@@ -131,12 +148,18 @@ class OriginClient:
             # Connecting and the first answer each have ``timeout``: the status line and
             # headers must be in by then (an origin trickling them is not waited on forever).
             async with asyncio.timeout(2 * self.timeout) as head_deadline:
-                async with s.request(method, self.url + path, headers=self._headers, timeout=self._t(), **kw) as r:  # type: ignore[arg-type]
+                async with s.request(method, self.url + path, headers=self._headers, timeout=self._t(),
+                                     ssl=self.tls if self.tls is not None else True, **kw) as r:  # type: ignore[arg-type]
                     head_deadline.reschedule(None)
                     body = await self._read_body(r, path, limit)
                     return r.status, body, dict(r.headers)
         except (OriginError, OriginUnreachableError):
             raise
+        except aiohttp.ClientSSLError as e:  # the handshake failed: nothing was sent
+            raise OriginTLSError(
+                f"origin {self.name!r} at {self.url} failed TLS verification (its certificate must chain to this "
+                f"app run's CA, name {_host(self.url)} and be within its validity window; or it does not speak TLS): "
+                f"{type(e).__name__}: {_ssl_reason(e)}", self.name) from None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
             what = (f"did not answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError)
                     else "could not be reached or dropped the connection")
@@ -257,6 +280,18 @@ class OriginClient:
             raise StaleManifestError(f"origin {self.name!r} no longer serves that manifest", self.name)
         self._check(status, body, f"{len(ids)} chunks")
         return body
+
+
+def _host(url: str) -> str:
+    """The host part of ``url`` (for messages)."""
+    rest = url.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0] if rest.count(":") >= 1 else rest
+
+
+def _ssl_reason(e: aiohttp.ClientSSLError) -> str:
+    """What OpenSSL said (e.g. "certificate has expired"), not aiohttp's wrapping of it."""
+    inner = getattr(e, "certificate_error", None) or getattr(e, "os_error", None) or e
+    return str(getattr(inner, "verify_message", None) or inner)
 
 
 def _reason(body: bytes) -> str:

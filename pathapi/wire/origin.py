@@ -1,6 +1,8 @@
 """The origin service: each work serves the files under its root to the works of its app.
 
-HTTP (aiohttp) on loopback by default; every request must carry the app run's secret
+HTTP (aiohttp) on loopback by default, or HTTPS only when the app run speaks TLS (a server
+context from :mod:`.tls`: a certificate signed by the run's CA; a plain-HTTP request then
+fails the handshake and gets no answer); every request must carry the app run's secret
 (compared in constant time). A consumer asks for the *current* manifest of a path (a fresh
 snapshot, cheap thanks to the stat cache), then for chunks of it by id. Chunks are read
 straight from the files and checked against their ids before they are sent: a file that
@@ -20,6 +22,7 @@ import hmac
 import logging
 import os
 import resource
+import ssl
 import stat
 import threading
 from collections import OrderedDict
@@ -77,6 +80,10 @@ CACHE_BYTES = int(os.environ.get("PATHAPI_ORIGIN_CACHE_MB", "64")) << 20
 #: in arrival order, which keeps them close together in the file (the frame cache then serves
 #: the followers).
 MAX_ANSWERS = 3
+#: With TLS, how long a closing connection waits for the client's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 10.0
+#: With TLS, an answer is handed to the transport in pieces of this size (see _answer).
+TLS_WRITE = int(os.environ.get("PATHAPI_TLS_WRITE_KB", "1024")) << 10
 
 # What a hostile or broken client can hold, and for how long (docs/reliability.md):
 #: A new connection must have presented the app secret (complete request headers with a
@@ -118,6 +125,13 @@ _NOTHING_THERE = {errno.ENOENT: "does not exist", errno.ENOTDIR: "does not exist
                   errno.ELOOP: "is a symlink loop", errno.ENAMETOOLONG: "is too long to exist"}
 
 
+def origin_url(host: str, port: int, *, tls: bool) -> str:
+    """The URL an origin is reached at: ``https://`` with TLS, else ``http://`` (an IPv6
+    address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
 def busy_answer(reason: str, retry_after: int = BUSY_RETRY_AFTER) -> bytes:
     """The raw 503 answer of a connection refused for want of a slot (see codec.busy_answer)."""
     return codec.busy_answer(reason, retry_after)
@@ -132,15 +146,28 @@ class _Busy(asyncio.Protocol):
         self._answer = answer
         self._slots = slots
         self._timer: asyncio.TimerHandle | None = None
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.write(self._answer)
         if self._slots.lingering >= MAX_BUSY_LINGERING:
-            transport.close()
+            _shut(transport, None if self._slots.tls is not None else self._answer)
             return
-        self._slots.lingering += 1
+        self._slots.lingering += 1  # with TLS, from the start of the handshake
+        self._counted = True
+        if self._slots.tls is None:
+            self._answer_on(transport)
+        else:  # the answer goes inside TLS, so that the client sees "busy" and retries
+            _start_tls(transport, self, self._slots, self._answer_on, self._gone)
+
+    def _answer_on(self, transport: asyncio.Transport) -> None:
+        transport.write(self._answer)
         self._timer = asyncio.get_running_loop().call_later(BUSY_LINGER, transport.close)
+
+    def _gone(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._slots.lingering -= 1
 
     def data_received(self, data: bytes) -> None:
         pass  # the request of a client we cannot serve: dropped
@@ -152,7 +179,35 @@ class _Busy(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._slots.lingering -= 1
+        self._gone()
+
+
+def _start_tls(raw: asyncio.Transport, protocol: asyncio.Protocol, slots: _Slots,
+               made: Callable[[asyncio.Transport], None], failed: Callable[[], None]) -> None:
+    """Run the TLS handshake of a connection on its plain transport ``raw`` (which stays
+    ours until it is done, so that it can be closed at once, its descriptor freed, whatever
+    the client does), within the header timeout; then ``made(tls transport)``, or
+    ``failed()`` once the connection is closed (handshake failed, timed out, or aborted)."""
+    raw.pause_reading()  # nothing is read before the TLS layer takes the transport over
+    context = slots.tls
+    assert context is not None
+
+    async def handshake() -> None:
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                raw, protocol, context, server_side=True, ssl_handshake_timeout=slots.header_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+        except Exception:  # noqa: BLE001 - whatever a client did, it is closed and forgotten
+            secure = None
+        if secure is None or secure.is_closing():
+            raw.abort()
+            failed()
+            return
+        made(secure)
+
+    task = asyncio.get_running_loop().create_task(handshake())
+    slots.handshakes.add(task)
+    task.add_done_callback(slots.handshakes.discard)
 
 
 class _Tracked(asyncio.Protocol):
@@ -168,24 +223,57 @@ class _Tracked(asyncio.Protocol):
         #: Closed by _Slots before the loop made the connection (accepts come in bursts):
         #: the answer to send it, if any, once it is made; the handler never sees it.
         self.doomed: tuple[bytes | None] | None = None
+        #: With TLS: the handshake is under way on ``transport`` (the plain one), which is
+        #: then only ever aborted (a plain answer would be garbage to a TLS client).
+        self.handshaking = False
+        #: With TLS: what came in between the end of the handshake and the handler's start
+        #: (the TLS layer delivers the client's first bytes as soon as it has them, at most
+        #: one read of them before the handler starts), and whether the client's EOF did.
+        self._early: list[bytes] = []
+        self._early_eof = False
         self._started = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         if self.doomed is not None:
-            _shut(transport, self.doomed[0])
+            _shut(transport, self.doomed[0] if self.slots.tls is None else None)
             return
+        if self.slots.tls is None:
+            self._start(transport)
+            return
+        self.handshaking = True
+        _start_tls(transport, self, self.slots, self._secured, self._failed)
+
+    def _secured(self, transport: asyncio.Transport) -> None:
+        self.handshaking = False
+        self.transport = transport
+        self._start(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.handler.data_received(data)
+        if self._early_eof:
+            self.handler.eof_received()
+
+    def _failed(self) -> None:
+        self.handshaking = False
+        self.slots.forget(self)
+
+    def _start(self, transport: asyncio.Transport) -> None:
         self._started = True
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._started:
             self.handler.data_received(data)
+        elif self.handshaking:
+            self._early.append(data)
 
     def eof_received(self) -> None:
         if self._started:
             self.handler.eof_received()  # None: the transport closes, as for aiohttp alone
+        elif self.handshaking:
+            self._early_eof = True
 
     def pause_writing(self) -> None:
         if self._started:
@@ -229,8 +317,13 @@ class _Slots:
       reason and ``Retry-After``; the client retries (pathapi.wire.client).
     """
 
-    def __init__(self, name: str, cap: int, reserved: int, header_timeout: float) -> None:
+    def __init__(self, name: str, cap: int, reserved: int, header_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        #: With TLS, each connection's handshake runs in the slot it was admitted to (see
+        #: _start_tls): a connection that never completes it is closed like any pending one.
+        self.tls = tls
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.cap = cap
         self.reserved = min(max(1, reserved), cap - 1) if cap > 1 else 0
         self.header_timeout = header_timeout
@@ -251,6 +344,12 @@ class _Slots:
     @property
     def trusted(self) -> int:
         return len(self._trusted)
+
+    @property
+    def known(self) -> int:
+        """Connections this object still holds anything of (pending, trusted, or accepted
+        and not yet made): bounded by the slots, whatever clients do (tests check it)."""
+        return len(self._by_handler)
 
     def admit(self, make_handler: Callable[[], RequestHandler]) -> asyncio.BaseProtocol:
         """The protocol for a connection just accepted: a slot of its own, or a 503."""
@@ -311,6 +410,8 @@ class _Slots:
         transport = conn.transport
         if transport is None:  # accepted, not yet made: closed as soon as it is
             conn.doomed = (answer,)
+        elif conn.handshaking:
+            transport.abort()  # no TLS yet: nothing can be said to the client
         elif not transport.is_closing():
             _shut(transport, answer)
 
@@ -341,8 +442,12 @@ class OriginService:
     def __init__(self, name: str, root: str, secret: str, workspace: Workspace, host: str = "127.0.0.1",
                  cache_bytes: int = CACHE_BYTES, *, idle_timeout: float = IDLE_TIMEOUT, io_timeout: float = IO_TIMEOUT,
                  header_timeout: float = HEADER_TIMEOUT, max_connections: int | None = None,
-                 reserved_connections: int | None = None, version: Callable[[], Version] | None = None) -> None:
+                 reserved_connections: int | None = None, version: Callable[[], Version] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        #: the server context when the origin speaks TLS (pathapi.wire.tls): then it accepts
+        #: TLS only (a plain-HTTP request fails the handshake and gets no answer) and its URL is https://
+        self.tls = tls
         #: which run of the work produced its files now (stamped on every manifest served)
         self.version = version
         self.root = os.path.abspath(root)
@@ -362,7 +467,7 @@ class OriginService:
         self.header_timeout = header_timeout
         #: Slots only connections that presented the secret may hold (see _Slots).
         self.reserved_connections = max(1, max_connections // RESERVED_SHARE) if reserved_connections is None else reserved_connections
-        self.slots = _Slots(name, max_connections, self.reserved_connections, header_timeout)
+        self.slots = _Slots(name, max_connections, self.reserved_connections, header_timeout, tls)
         #: Chunk reads from disk, for tests and benchmarks ("each chunk read once").
         self.chunks_read = 0
         self.bytes_read = 0
@@ -396,11 +501,14 @@ class OriginService:
         assert server is not None
 
         # aiohttp has no connection limit of its own: _Slots admits (or refuses) each one.
+        # With TLS the listener is plain and each admitted connection runs its handshake in
+        # its slot (_start_tls): it counts against the connection's header_timeout (its
+        # timer starts at the accept), and a connection closed meanwhile is gone at once.
         self._listener = await asyncio.get_running_loop().create_server(
             lambda: self.slots.admit(server), self.host, port)
         sock = self._listener.sockets[0]
         host, port = sock.getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = origin_url(host, port, tls=self.tls is not None)
         if samehost.enabled():
             try:
                 self.fd_server = samehost.FdServer(self.secret, self._served_files, self.io_timeout)
@@ -413,6 +521,8 @@ class OriginService:
             self.fd_server.close()
         if self._listener is not None:
             self._listener.close()
+        for handshake in list(self.slots.handshakes):
+            handshake.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._listener is not None:
@@ -629,7 +739,16 @@ class OriginService:
             resp.content_length = len(frames)
             async with self._sending(request):
                 await resp.prepare(request)
-                await resp.write(frames)
+                if self.tls is None:
+                    await resp.write(frames)
+                else:
+                    # asyncio's TLS transport encrypts what it is handed into a memory buffer
+                    # in one go, then copies it out: in TLS_WRITE pieces that buffer stays
+                    # small (docs/benchmarks.md, "TLS").
+                    view = memoryview(frames)
+                    for at in range(0, len(view), TLS_WRITE):
+                        await resp.write(view[at : at + TLS_WRITE])
+                    view.release()
                 del frames
                 await resp.write_eof()
             return resp
