@@ -375,7 +375,11 @@ def run_tls_flow(root: FsPath, tls: bool | None) -> tuple[TlsFlow, App]:
 
 @pytest.fixture(scope="module")
 def tls_app(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFlow, App]:
-    return run_tls_flow(tmp_path_factory.mktemp("tls") / "app", tls=True)
+    # Every transfer of this run crosses TLS (on one host the same-host fast path would
+    # carry the chunks past it: wire/samehost.py).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATHAPI_SAME_HOST", "0")
+        return run_tls_flow(tmp_path_factory.mktemp("tls") / "app", tls=True)
 
 
 @pytest.fixture(scope="module")
