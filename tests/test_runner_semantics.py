@@ -65,9 +65,11 @@ def run_app(flow: Flow, runner: str, tmp: FsPath, request: pytest.FixtureRequest
     """Run ``flow`` on ``runner``: locally with the default store, on Ray with an S3 prefix of its own."""
     if runner == "ray":
         request.getfixturevalue("ray_cluster")
-        App(flow, root=tmp / "app", store=f"s3://pathapi-test/semantics-{uuid.uuid4().hex}", cluster="ray").run()
+        app = App(flow, root=tmp / "app", store=f"s3://pathapi-test/semantics-{uuid.uuid4().hex}", cluster="ray")
     else:
-        App(flow, root=tmp / "app").run()
+        app = App(flow, root=tmp / "app")
+    app.run()
+    flow.origin_urls = {name: h.url for name, h in app.handles.items()}  # type: ignore[attr-defined]
     return flow
 
 
@@ -196,6 +198,13 @@ def test_works_run_in_processes_of_their_own_and_on_ray_on_nodes_of_their_own(tr
     assert p["pid"] != r["pid"] and os.getpid() not in (p["pid"], r["pid"])
     if runner == "ray":
         assert p["node"] != r["node"], "the two works shared a node although the cluster has 3"
+
+
+def test_origins_speak_tls_by_default_on_a_cluster_and_plain_http_locally(transfer_app: TransferFlow, runner: str) -> None:
+    urls = transfer_app.origin_urls  # type: ignore[attr-defined]
+    assert urls and all(url is not None for url in urls.values())
+    scheme = "https://" if runner == "ray" else "http://"
+    assert all(url.startswith(scheme) for url in urls.values()), urls
 
 
 # ======================================================================================
