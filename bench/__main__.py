@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-docs", action="store_true", help="write results JSON only, not docs/")
     ap.add_argument("--tls", action="store_true",
                     help="the transfer scenarios with TLS between the works (App(tls=True)), as on a cluster")
+    ap.add_argument("--cluster", choices=["local", "ray"], default="local",
+                    help="where the works run: local processes (default), or the nodes of a Ray cluster started on "
+                         "this machine for the run (a head and 3 one-CPU nodes on loopback; TLS on, as on any cluster)")
+    ap.add_argument("--no-same-host", action="store_true",
+                    help="turn the same-host fast path off (PATHAPI_SAME_HOST=0): every chunk crosses the origin's "
+                         "socket, as between machines")
     ap.add_argument("--report", metavar="JSON", help="only render docs/ from a saved results file")
     ap.add_argument("--rerun", metavar="JSON", action="append", default=[],
                     help="with --report: a later run whose scenarios replace the same scenarios of the first "
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         reruns = [(json.loads(Path(p).read_text()), Path(p)) for p in args.rerun]
         report.write_docs(report.merge(res, reruns), Path(args.report), reruns)
         return
+    if args.no_same_host:
+        os.environ["PATHAPI_SAME_HOST"] = "0"  # inherited by every work process
     want = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(want) - set(ALL)
     if unknown:
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                     "load_at_start": os.getloadavg()},
         "size": args.size, "rss_size": args.rss_size, "files": args.files, "repeat": args.repeat,
         "small_repeat": args.small_repeat, "fan_repeat": args.fan_repeat, "scenarios": want, "tls": args.tls,
+        "cluster": args.cluster, "same_host": not args.no_same_host,
         "aggregate": "median of the repeats (seconds); bytes of the median repeat; peak RSS: max over repeats",
     }
     base = Path(tempfile.mkdtemp(prefix="pathapi-bench-", dir=args.dir))
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         if TRANSFER & set(want):
             cfg = {"base": str(base / "transfers"), "size": args.size, "files": args.files, "repeat": args.repeat,
                    "small_repeat": args.small_repeat, "fan_repeat": args.fan_repeat, "scenarios": want,
-                   "pause": args.pause, "tls": args.tls}
+                   "pause": args.pause, "tls": args.tls, "cluster": args.cluster}
             res["transfers"] = suite.run_transfers(cfg)
             _save(res, partial=True)
             if not args.keep:

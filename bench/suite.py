@@ -32,7 +32,7 @@ from typing import Any
 
 from cas import Manifest
 from cas.store import LocalRefStore
-from pathapi import App, Flow, Path, Work
+from pathapi import App, Flow, Path, SharedFolder, Work
 from pathapi.wire.codec import request_headers
 from pathapi.wire.protocol import ROUTE_MANIFEST, ROUTE_STATS
 
@@ -101,7 +101,13 @@ class Bench(Flow):
         return self._app
 
     def _pid(self, work: Work) -> int:
-        pid = self.app.handle(work).pid
+        handle = self.app.handle(work)
+        pid = handle.pid
+        actor = getattr(handle, "actor", None)
+        if pid is None and actor is not None:  # a Ray actor: on this machine, a local process too
+            import ray
+
+            pid = int(ray.get(actor.where.remote(), timeout=30)[2])
         assert pid is not None, f"{work.name} runs in no local process"
         return pid
 
@@ -362,10 +368,28 @@ def run_transfers(cfg: dict[str, Any]) -> dict[str, Any]:
           file=sys.stderr)
     flow = Bench({**cfg, "origin_root": str(origin_root), "small_root": str(small_root), "app_root": str(app_root),
                   "peers": str(base / "peers")})
-    app = App(flow, root=app_root, tls=bool(cfg.get("tls")))
+    cluster = None
+    where: dict[str, Any] = {}
+    if cfg.get("cluster") == "ray":
+        # Works on the nodes of a Ray cluster on this machine (a head and three one-CPU
+        # nodes, loopback only: tests/raycluster.py), the artifact store a folder they share.
+        sys.path.insert(0, str(FsPath(__file__).resolve().parent.parent / "tests"))
+        from raycluster import RayTestCluster
+
+        cluster = RayTestCluster(workers=3).start()
+        os.environ["RAY_ADDRESS"] = cluster.address
+        where = {"cluster": "ray", "store": SharedFolder(app_root / "artifacts")}
+    # tls: on when asked, else the default (off for local processes, on on a cluster).
+    app = App(flow, root=app_root, tls=True if cfg.get("tls") else None, **where)
     flow._app = app
-    app.run()
-    return {"checkpoint_files": sizes, "small_files_bytes": small_bytes, "rows": flow.rows, "notes": flow.notes}
+    try:
+        app.run()
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+    notes = {**flow.notes, "runner": cfg.get("cluster") or "local", "tls": app.tls_on,
+             "same_host": os.environ.get("PATHAPI_SAME_HOST", "1") != "0"}
+    return {"checkpoint_files": sizes, "small_files_bytes": small_bytes, "rows": flow.rows, "notes": notes}
 
 
 __all__ = ["Bench", "Consumer", "Origin", "run_transfers"]

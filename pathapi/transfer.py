@@ -265,8 +265,8 @@ def _recorded(ctx: WorkContext, origin: str, rel: str, record: TransferRecord) -
         transfer_log.append(ctx.artifacts.refs, origin, rel, ctx.name, transfer_log.entry(vars(record)))
     except (CasError, OSError):
         pass
-    if ctx.report_transfers:
-        print(transfer_log.describe(ctx.name, origin, rel, vars(record)), flush=True)
+    if ctx.report_transfers:  # on stderr, beside the other "pathapi: " lines: the app's stdout stays its own
+        print(transfer_log.describe(ctx.name, origin, rel, vars(record)), file=sys.stderr, flush=True)
     return record
 
 

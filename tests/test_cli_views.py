@@ -42,7 +42,7 @@ def as_json(*args: str, **kw: Any) -> Any:
 def app_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("uiapp")
     r = pathapi("run", str(APP_FILE), "--root", str(root))
-    return root, r.stdout.decode()
+    return root, r.stderr.decode()  # transfer lines go to stderr: the app's stdout is its own
 
 
 def test_run_prints_one_line_per_transfer_saying_what_moved_and_what_was_reused(app_root: tuple[Path, str]) -> None:
@@ -56,7 +56,7 @@ def test_run_prints_one_line_per_transfer_saying_what_moved_and_what_was_reused(
 
 def test_run_quiet_prints_no_transfer_line(tmp_path: Path) -> None:
     r = pathapi("run", str(APP_FILE), "--root", str(tmp_path), "-q")
-    assert b"got root.train" not in r.stdout
+    assert b"got root.train" not in r.stderr and b"got root.train" not in r.stdout
 
 
 def test_ls_lists_works_and_their_paths(app_root: tuple[Path, str]) -> None:
