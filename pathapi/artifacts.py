@@ -23,6 +23,7 @@ from pathlib import Path as FsPath
 from cas import ChunkerParams, Manifest
 from cas.errors import CasError, ManifestError, UnsafePathError
 from cas.gc import GcReport, NamesChunks
+from cas.header import read_header
 from cas.manifest import Kind, resolve_link
 from cas.repository import PUSH_ATTEMPTS, Repository
 from cas.workspace import Workspace
@@ -54,13 +55,7 @@ def decode_ref(raw: bytes) -> tuple[Manifest, Version]:
         raw = history.decode(raw)[2]
     if raw[:4] == _LEGACY_MAGIC:
         return Manifest.decode(raw), UNKNOWN
-    if len(raw) < _REF_HEAD.size:
-        raise ManifestError(f"persisted ref of {len(raw)} bytes is shorter than its header")
-    magic, fmt, n = _REF_HEAD.unpack_from(raw)
-    if magic != REF_MAGIC:
-        raise ManifestError(f"persisted ref starts with {magic!r}, not {REF_MAGIC!r} or a manifest")
-    if fmt != REF_VERSION:
-        raise ManifestError(f"persisted ref format {fmt} is not supported (this pathapi reads {REF_VERSION})")
+    (n,) = read_header(raw, _REF_HEAD, REF_MAGIC, REF_VERSION, "persisted ref")
     text = raw[_REF_HEAD.size:_REF_HEAD.size + n]
     try:
         version = Version.parse(text.decode("ascii"))

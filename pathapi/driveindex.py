@@ -24,8 +24,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cas.errors import ManifestError, UnsupportedVersionError
+from cas.errors import ManifestError
 from cas.hashing import ChunkId
+from cas.header import read_header
 from cas.manifest import Entry, Kind, Manifest
 
 MAGIC = b"PDRV"
@@ -79,13 +80,7 @@ class DriveIndex:
         """Parse and validate an index (every manifest in it included): ManifestError, or
         UnsupportedVersionError for a version this code does not read."""
         data = bytes(raw)
-        if len(data) < _HEAD.size:
-            raise ManifestError(f"drive index of {len(data)} bytes is shorter than its header")
-        magic, version, reserved, generation, count = _HEAD.unpack_from(data)
-        if magic != MAGIC:
-            raise ManifestError(f"drive index starts with {magic!r}, not {MAGIC!r}")
-        if version != VERSION:
-            raise UnsupportedVersionError(f"drive index version {version} is not supported (this pathapi reads {VERSION})")
+        reserved, generation, count = read_header(data, _HEAD, MAGIC, VERSION, "drive index")
         if reserved:
             raise ManifestError(f"drive index has reserved field {reserved}, not 0")
         pos = _HEAD.size

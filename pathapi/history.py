@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from cas.errors import ManifestError
+from cas.header import read_header
 from cas.store.refs import RefStore
 
 from .version import Version
@@ -82,13 +83,7 @@ def decode(raw: bytes) -> tuple[int, bytes, bytes]:
 
 def decode_full(raw: bytes) -> tuple[str, int, bytes, bytes]:
     """(the Path's ref name, persisted at in ns, manifest id, the persisted ref's value)."""
-    if len(raw) < _HEAD.size:
-        raise ManifestError(f"history entry of {len(raw)} bytes is shorter than its header")
-    magic, fmt, at, mid, n = _HEAD.unpack_from(raw)
-    if magic != MAGIC:
-        raise ManifestError(f"history entry starts with {magic!r}, not {MAGIC!r}")
-    if fmt != FORMAT_VERSION:
-        raise ManifestError(f"history entry format {fmt} is not supported (this pathapi reads {FORMAT_VERSION})")
+    at, mid, n = read_header(raw, _HEAD, MAGIC, FORMAT_VERSION, "history entry")
     if _HEAD.size + n > len(raw):
         raise ManifestError("history entry is truncated")
     name = raw[_HEAD.size:_HEAD.size + n].decode("utf-8", "surrogateescape")

@@ -22,6 +22,7 @@ CAS_LOW = {
     "hashing": {"errors"},
     "compress": {"errors"},
     "delta": {"errors"},
+    "header": {"errors"},
     "chunking": {"hashing"},
     "manifest": {"chunking", "errors", "hashing"},
     "plan": {"chunking", "hashing", "manifest"},  # pure: no I/O either (below)
@@ -111,7 +112,7 @@ def test_pathapi_leaves_import_no_other_pathapi_module(name: str) -> None:
 
 
 #: What the persist side of pathapi may take from cas: the repository pushes and opens stores.
-ARTIFACTS_FROM_CAS = {"cas", "cas.errors", "cas.gc", "cas.manifest", "cas.repository", "cas.workspace"}
+ARTIFACTS_FROM_CAS = {"cas", "cas.errors", "cas.gc", "cas.header", "cas.manifest", "cas.repository", "cas.workspace"}
 
 
 def test_artifacts_names_refs_and_leaves_stores_and_pushes_to_the_repository() -> None:
