@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import queue
 import secrets
 import socket
 import struct
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 HEADER_SAME_HOST = "X-Pathapi-Same-Host"
 FD_PROTOCOL = 1
 #: Files opened per request: one answer's descriptors (the kernel takes at most 253).
-MAX_FILES = 128
+MAX_FILES = 250
 #: Request and answer bodies are small JSON; anything longer is refused.
 MAX_MESSAGE = 1 << 20
 #: Connections one origin serves at once (each a thread; a get holds one).
@@ -349,17 +350,13 @@ class SameHostSource:
             yield from self.fallback.get_many(ids)
             return
         left: list[ChunkId] = []
+        windows = _Prefetch(link, self.manifest.id, self._windows(ids))
         try:
             biggest = max((self._places[c].length for c in ids if c in self._places), default=0)
             view = memoryview(bytearray(biggest))
-            i = 0
-            while i < len(ids):
-                window, files, i = self._window(ids, i)
-                try:
-                    fds = link.open(self.manifest.id, files) if files else {}
-                except _LinkError as e:
-                    log.info("%s: falling back to HTTP: %s", self.location, e)
-                    left += window + ids[i:]
+            for window, fds, rest in windows:
+                if fds is None:  # the link failed: the rest over HTTP
+                    left += window + rest
                     break
                 try:
                     for cid in window:
@@ -379,9 +376,17 @@ class SameHostSource:
                     for fd in fds.values():
                         os.close(fd)
         finally:
+            windows.close()
             link.close()
         if left:
             yield from self.fallback.get_many(left)
+
+    def _windows(self, ids: list[ChunkId]) -> Iterator[tuple[list[ChunkId], list[int], list[ChunkId]]]:
+        """(ids, their files, the ids after them) for consecutive windows of ``ids``."""
+        i = 0
+        while i < len(ids):
+            window, files, i = self._window(ids, i)
+            yield window, files, ids[i:]
 
     def _window(self, ids: list[ChunkId], start: int) -> tuple[list[ChunkId], list[int], int]:
         """The ids from ``start`` on whose files number at most MAX_FILES: (ids, their
@@ -397,3 +402,66 @@ class SameHostSource:
             end += 1
         return ids[start:end], list(files), end
 
+
+class _Prefetch:
+    """The descriptors of each window's files, asked for on a thread of its own one window
+    ahead of the reader: the origin opens the next files while this side reads the last.
+    Yields (window, index -> fd, the ids after it); fds is None once the link failed (with
+    the reason logged). :meth:`close` stops it and closes descriptors nobody took."""
+
+    _END = object()
+
+    def __init__(self, link: FdLink, manifest_id: bytes,
+                 windows: Iterator[tuple[list[ChunkId], list[int], list[ChunkId]]]) -> None:
+        self._link = link
+        self._manifest = manifest_id
+        self._windows = windows
+        self._ready: queue.Queue[object] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pathapi-samehost-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for window, files, rest in self._windows:
+                try:
+                    fds: dict[int, int] | None = self._link.open(self._manifest, files) if files else {}
+                except _LinkError as e:
+                    log.info("same-host link of manifest %s: falling back to HTTP: %s", self._manifest.hex()[:16], e)
+                    fds = None
+                if not self._put((window, fds, rest)):
+                    for fd in (fds or {}).values():
+                        os.close(fd)
+                    return
+                if fds is None:
+                    return
+        finally:
+            self._put(self._END)
+
+    def __iter__(self) -> Iterator[tuple[list[ChunkId], dict[int, int] | None, list[ChunkId]]]:
+        while True:
+            item = self._ready.get()
+            if item is self._END:
+                return
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        while True:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            if item is not self._END:
+                for fd in (item[1] or {}).values():  # type: ignore[index]
+                    os.close(fd)
