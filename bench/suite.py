@@ -103,7 +103,7 @@ class Bench(Flow):
     def _pid(self, work: Work) -> int:
         handle = self.app.handle(work)
         pid = handle.pid
-        actor = getattr(handle, "actor", None)
+        actor = getattr(getattr(handle, "process", None), "actor", None)
         if pid is None and actor is not None:  # a Ray actor: on this machine, a local process too
             import ray
 
