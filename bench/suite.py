@@ -30,9 +30,9 @@ import urllib.request
 from pathlib import Path as FsPath
 from typing import Any
 
-from cas import Manifest
 from cas.store import LocalRefStore
 from pathapi import App, Flow, Path, SharedFolder, Work
+from pathapi.artifacts import decode_ref
 from pathapi.wire.codec import request_headers
 from pathapi.wire.protocol import ROUTE_MANIFEST, ROUTE_STATS
 
@@ -343,7 +343,7 @@ def _wait_ref(refs: LocalRefStore, name: str, manifest_hex: str, timeout: float)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         raw = refs.get(name)
-        if raw is not None and Manifest.decode(raw).id.hex() == manifest_hex:
+        if raw is not None and decode_ref(raw)[0].id.hex() == manifest_hex:
             return True
         time.sleep(0.05)
     return False

@@ -166,15 +166,12 @@ class FdServer:
         self._sock.listen(64)
         self._links = threading.BoundedSemaphore(MAX_LINKS)
         self._closed = False
-        self._thread = threading.Thread(target=self._accept, name="pathapi-samehost", daemon=True)
-        self._thread.start()
         #: Descriptors handed out (for tests and benchmarks).
         self.files_sent = 0
-
-    @property
-    def advertisement(self) -> str:
-        """The value of the ``X-Pathapi-Same-Host`` header."""
-        return f"{FD_PROTOCOL} {boot_id()} {self.name}"
+        #: The value of the ``X-Pathapi-Same-Host`` header (read once: the boot id is the kernel's).
+        self.advertisement = f"{FD_PROTOCOL} {boot_id()} {self.name}"
+        self._thread = threading.Thread(target=self._accept, name="pathapi-samehost", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         self._closed = True
