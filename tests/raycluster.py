@@ -15,6 +15,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
@@ -46,21 +48,13 @@ class RayTestCluster:
         self.worker_nodes: list[Any] = []
 
     def start(self, connect: bool = True) -> RayTestCluster:
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with self._node_env():
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False,
                 "temp_dir": self.temp_dir, "node_ip_address": LOOPBACK,
             })
             self.worker_nodes = [self.add_node() for _ in range(self.workers)]
             self.cluster.wait_for_nodes()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if connect:
             assert self.address.startswith(f"{LOOPBACK}:"), f"the Ray head advertises {self.address}, not loopback"
             ray.init(address=self.address, logging_level="WARNING")
@@ -76,10 +70,16 @@ class RayTestCluster:
     def add_node(self, **extra: Any) -> Any:
         """A new one-CPU worker node (``resources={...}`` for custom ones); its ``node_id``."""
         assert self.cluster is not None
+        with self._node_env():
+            return self.cluster.add_node(**node_args(node_ip_address=LOOPBACK, **extra))
+
+    @contextmanager
+    def _node_env(self) -> Iterator[None]:
+        """``env`` set while nodes start (their processes inherit it), then put back."""
         old = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
         try:
-            return self.cluster.add_node(**node_args(node_ip_address=LOOPBACK, **extra))
+            yield
         finally:
             for k, v in old.items():
                 if v is None:
