@@ -15,9 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
+
+from envkit import environ
 
 if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
     raise RuntimeError("ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: it would leave loopback")
@@ -48,7 +48,7 @@ class RayTestCluster:
         self.worker_nodes: list[Any] = []
 
     def start(self, connect: bool = True) -> RayTestCluster:
-        with self._node_env():
+        with environ(self.env):
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False,
                 "temp_dir": self.temp_dir, "node_ip_address": LOOPBACK,
@@ -70,22 +70,8 @@ class RayTestCluster:
     def add_node(self, **extra: Any) -> Any:
         """A new one-CPU worker node (``resources={...}`` for custom ones); its ``node_id``."""
         assert self.cluster is not None
-        with self._node_env():
+        with environ(self.env):
             return self.cluster.add_node(**node_args(node_ip_address=LOOPBACK, **extra))
-
-    @contextmanager
-    def _node_env(self) -> Iterator[None]:
-        """``env`` set while nodes start (their processes inherit it), then put back."""
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def remove_node(self, node: Any) -> None:
         assert self.cluster is not None

@@ -25,34 +25,24 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Self
 
 import boto3
 import botocore.config
 import botocore.exceptions
+from envkit import environ
 
 REGION = "us-east-1"
 #: How long a start may take before it counts as failed (a loaded CI machine is slow).
 START_TIMEOUT = 90.0
 
 
-@contextmanager
-def aws_env(env: dict[str, str]) -> Iterator[None]:
+def aws_env(env: dict[str, str]) -> AbstractContextManager[None]:
     """``os.environ`` updated with ``env`` inside the block (boto3 reads it when a client is
     made), as it was after it."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environ(env)
 
 
 def weed_binary() -> str:
